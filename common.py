@@ -1,0 +1,668 @@
+"""The small pieces that vae.py, ddpm.py and ncsn.py share.
+
+* a U-Net in the style of the DDPM paper (residual blocks, GroupNorm, SiLU, self-attention), conditioned on an
+  integer index (the DDPM time step t, or the NCSN noise level i);
+* data: MNIST / Fashion-MNIST / CIFAR-10 downloaded with urllib and checked, or a local .pt / .npy tensor;
+* plain helpers: seeding, device, optimiser with warm-up, EMA, progress line, atomic checkpoints, PNG grids,
+  distributed set-up.
+
+There is no Trainer here on purpose: each script keeps its own short training loop, so the whole algorithm
+can be read in one file. Copy this file together with the script you need.
+"""
+import argparse
+import ast
+import contextlib
+import gzip
+import hashlib
+import math
+import os
+import signal
+import struct
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# U-Net
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of an integer index (Transformer / DDPM): [sin(t w_k), cos(t w_k)], w_k = 10000^(-k/(dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that accepts (and ignores) the index, so that a conditional norm can take its place."""
+
+    def forward(self, x, i=None):
+        return super().forward(x)
+
+
+def group_norm(channels):
+    # 32 groups as in the DDPM paper; for narrow layers the largest group count that divides the width
+    return GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb_dim, dropout, norm):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout) if emb_dim else None
+        self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity, as in the DDPM code
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb, i):
+        h = self.conv1(F.silu(self.norm1(x, i)))
+        if self.emb is not None:
+            h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h, i))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W positions (DDPM paper), via F.scaled_dot_product_attention."""
+
+    def __init__(self, ch, norm):
+        super().__init__()
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, i):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x, i)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t) for DDPM, or s_theta(x, i) for NCSN, called as model(x, index) with index a long (B,).
+
+    ch_mult gives the width of each resolution level (level 0 is full size), attn the level indices that get
+    self-attention. time_embed=True adds the sinusoidal embedding of the index in every residual block (DDPM);
+    NCSN turns it off and passes norm=a conditional norm factory, whose layers are called as norm(h, index).
+    """
+
+    def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn=(1,), dropout=0.1,
+                 image_size=28, time_embed=True, norm=group_norm):
+        super().__init__()
+        ch_mult, attn = tuple(ch_mult), tuple(attn)
+        levels = len(ch_mult)
+        if in_ch < 1 or ch < 1 or num_res_blocks < 1 or levels < 1 or min(ch_mult) < 1:
+            raise ValueError("channels, channel multipliers and residual blocks must all be >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if image_size % 2 ** (levels - 1) != 0:
+            valid = max(k for k in range(1, levels + 1) if image_size % 2 ** (k - 1) == 0)
+            raise ValueError(f"{levels} resolution levels halve a {image_size}px image {levels - 1} times, "
+                             f"which does not divide evenly; at {image_size}px use at most {valid} levels "
+                             f"(e.g. --ch-mult {','.join(['1', '2', '2', '2'][:valid])})")
+        bad = [a for a in attn if not 0 <= a < levels]
+        if bad:
+            raise ValueError(f"attention level(s) {bad} out of range: levels are 0..{levels - 1} "
+                             f"(sizes {[image_size // 2 ** k for k in range(levels)]} px)")
+        self.image_size, self.in_ch = image_size, in_ch
+        emb_dim = 4 * ch if time_embed else 0
+        self.ch = ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if time_embed else None
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        widths, cur = [ch], ch
+        for lvl, m in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(cur, ch * m, emb_dim, dropout, norm)]
+                                               + ([Attention(ch * m, norm)] if lvl in attn else [])))
+                cur = ch * m
+                widths.append(cur)
+            if lvl != levels - 1:
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                widths.append(cur)
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout, norm), Attention(cur, norm),
+                                  ResBlock(cur, cur, emb_dim, dropout, norm)])
+        self.up = nn.ModuleList()
+        for lvl, m in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(cur + widths.pop(), ch * m, emb_dim, dropout, norm)]
+                                             + ([Attention(ch * m, norm)] if lvl in attn else [])))
+                cur = ch * m
+            if lvl != 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(cur, cur, 3, padding=1)))
+        self.norm_out, self.conv_out = norm(cur), nn.Conv2d(cur, in_ch, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, index):
+        emb = self.time_mlp(timestep_embedding(index, self.ch)) if self.time_mlp is not None else None
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[0](h, emb, index)
+                for a in layer[1:]:
+                    h = a(h, index)
+            else:
+                h = layer(h)
+            skips.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb, index), index), emb, index)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[0](torch.cat([h, skips.pop()], dim=1), emb, index)
+                for a in layer[1:]:
+                    h = a(h, index)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h, index)))
+
+
+def add_unet_args(p, ch, ch_mult, res_blocks, attn, dropout):
+    """Model-size flags shared by ddpm.py and ncsn.py. Defaults given here are the script's CPU defaults."""
+    g = p.add_argument_group("model size (U-Net)")
+    g.add_argument("--ch", type=positive_int, default=ch, help=f"base width (default {ch}; the paper's CIFAR-10 model: 128)")
+    g.add_argument("--ch-mult", type=int_list, default=ch_mult, help=f"width multiplier per resolution level, comma separated (default {ch_mult}; CIFAR-10: 1,2,2,2; 28px takes at most 3 levels)")
+    g.add_argument("--res-blocks", type=positive_int, default=res_blocks, help=f"residual blocks per level (default {res_blocks}; CIFAR-10: 2)")
+    g.add_argument("--attn", type=int_list, default=attn, help=f"level indices with self-attention, '' for none (default {attn}; CIFAR-10: 1, the 16x16 level)")
+    g.add_argument("--dropout", type=unit_interval, default=dropout, help=f"dropout in the residual blocks (default {dropout}; CIFAR-10: 0.1)")
+
+
+def unet_config(args, in_ch, image_size):
+    return dict(in_ch=in_ch, ch=args.ch, ch_mult=list(args.ch_mult), num_res_blocks=args.res_blocks,
+                attn=list(args.attn), dropout=args.dropout, image_size=image_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argparse types: bad values are refused by argparse with a message and exit code 2
+
+
+def _typed(check, what):
+    def parse(text):
+        try:
+            value = check(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _typed(lambda s: int(s) if int(s) >= 1 else None, "an integer >= 1")
+nonneg_int = _typed(lambda s: int(s) if int(s) >= 0 else None, "an integer >= 0")
+positive_float = _typed(lambda s: float(s) if math.isfinite(float(s)) and float(s) > 0 else None, "a finite number > 0")
+open_unit = _typed(lambda s: float(s) if 0 < float(s) < 1 else None, "a number in (0, 1)")
+unit_interval = _typed(lambda s: float(s) if 0 <= float(s) < 1 else None, "a number in [0, 1)")
+int_list = _typed(lambda s: [int(v) for v in s.split(",") if v.strip()], "a comma-separated list of integers")
+
+
+def add_common_args(p):
+    """The flags every script shares: what to do, where, on which data and device, and the optimiser."""
+    g = p.add_argument_group("what to do")
+    g.add_argument("--train", action="store_true", help="train (downloads the data set on first use)")
+    g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    g.add_argument("--sample", type=positive_int, metavar="N", help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", default="mnist", help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor (N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
+    g.add_argument("--data-dir", default="data", help="where downloaded data sets are kept (default ./data)")
+    g.add_argument("--out", default=None, help="the run's folder: checkpoint and samples (default runs/<script>)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same samples on the CPU")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device string")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g = p.add_argument_group("optimisation (GPU default / CPU default printed at start)")
+    g.add_argument("--steps", type=nonneg_int, help="total training steps")
+    g.add_argument("--batch-size", type=positive_int, help="global batch size (split across torchrun ranks)")
+    g.add_argument("--lr", type=positive_float, help="Adam learning rate")
+    g.add_argument("--warmup", type=nonneg_int, help="linear learning-rate warm-up steps")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient-norm clip (default 1.0)")
+    g.add_argument("--ema-decay", type=open_unit, help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
+    g.add_argument("--log-every", type=positive_int, default=100, help="steps between progress lines (default 100)")
+    g.add_argument("--ckpt-every", type=positive_int, default=1000, help="steps between checkpoints (default 1000)")
+
+
+def fill_recipe(args, device, gpu, cpu):
+    """Fill flags left unset with the GPU or CPU recipe and say which one was used."""
+    recipe = gpu if device.type == "cuda" else cpu
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    used = ", ".join(f"{k}={getattr(args, k)}" for k in recipe)
+    return f"{'GPU' if device.type == 'cuda' else 'CPU'} recipe: {used}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message names the file and what is wrong."""
+
+
+MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/",
+                 "http://yann.lecun.com/exdb/mnist/"]
+DATASETS = {  # name -> mirrors and, per split, (file name, md5)
+    "mnist": dict(mirrors=MNIST_MIRRORS, kind="idx",
+                  train=("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+                  test=("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3")),
+    "fashion-mnist": dict(mirrors=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"], kind="idx",
+                          train=("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+                          test=("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79")),
+    "cifar10": dict(mirrors=["https://www.cs.toronto.edu/~kriz/"], kind="cifar",
+                    train=("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530"),
+                    test=("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")),
+}
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(name, split, data_dir, timeout=30):
+    """Path of the data set's file for this split, downloaded (checked, atomically written) on first use."""
+    info = DATASETS[name]
+    fname, md5 = info[split]
+    folder = os.path.join(data_dir, name)
+    path = os.path.join(folder, fname)
+    if os.path.exists(path) and _md5(path) == md5:
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data folder {folder}: {e.strerror}")
+    failures = []
+    for mirror in info["mirrors"]:
+        url = mirror + fname
+        print(f"downloading {url}", file=sys.stderr)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=fname + ".", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+                for block in iter(lambda: r.read(1 << 20), b""):
+                    f.write(block)
+            got = _md5(tmp)
+            if got != md5:
+                failures.append(f"{url}: checksum {got} is not the expected {md5} (corrupt or changed file)")
+                continue
+            os.replace(tmp, path)  # readers never see a half-written file
+            return path
+        except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
+            failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    raise DataError(f"could not download {name} ({fname}):\n  " + "\n  ".join(failures)
+                    + f"\nDownload {fname} (md5 {md5}) from any of the addresses above by hand and put it at "
+                    f"{os.path.abspath(path)}, or pass --data PATH with a .pt/.npy tensor.")
+
+
+def _read_idx(path):
+    """MNIST's idx3 format: big-endian magic 2051, count, rows, cols, then uint8 pixels."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        magic, n, h, w = struct.unpack(">IIII", raw[:16])
+    except (OSError, EOFError, struct.error, zlib.error) as e:
+        raise DataError(f"{path}: not a readable gzip'd idx file ({e}); delete it to download it again")
+    if magic != 2051 or len(raw) != 16 + n * h * w:
+        raise DataError(f"{path}: not an idx3 image file (magic {magic}, {len(raw)} bytes); delete it to download it again")
+    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, h, w)
+
+
+def _read_cifar(path, split):
+    """CIFAR-10 binary version: records of 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32)."""
+    names = [f"data_batch_{k}.bin" for k in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    parts = []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for n in names:
+                raw = tar.extractfile(f"cifar-10-batches-bin/{n}").read()
+                rec = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, 3073)
+                parts.append(rec[:, 1:].reshape(-1, 3, 32, 32))
+    except (OSError, EOFError, KeyError, RuntimeError, tarfile.TarError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable CIFAR-10 binary archive ({e}); delete it to download it again")
+    return torch.cat(parts)
+
+
+def _read_npy(path):
+    """A minimal .npy reader (format versions 1-3) for uint8 or float32 C-ordered arrays."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:6] != b"\x93NUMPY":
+        raise DataError(f"{path}: not a .npy file (bad magic)")
+    major = raw[6]
+    n, start = (struct.unpack("<H", raw[8:10])[0], 10) if major == 1 else (struct.unpack("<I", raw[8:12])[0], 12)
+    try:
+        header = ast.literal_eval(raw[start:start + n].decode("latin1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        raise DataError(f"{path}: unreadable .npy header")
+    dtypes = {"|u1": torch.uint8, "<u1": torch.uint8, "<f4": torch.float32}
+    if descr not in dtypes or fortran:
+        raise DataError(f"{path}: .npy dtype {descr}{' in Fortran order' if fortran else ''} is not supported; "
+                        "save uint8 or float32 in C order")
+    body = raw[start + n:]
+    count = math.prod(shape)
+    itemsize = 1 if dtypes[descr] == torch.uint8 else 4
+    if len(body) != count * itemsize:
+        raise DataError(f"{path}: truncated .npy file ({len(body)} data bytes for shape {shape})")
+    return torch.frombuffer(bytearray(body), dtype=dtypes[descr]).reshape(shape)
+
+
+def _read_tensor(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file (give mnist, fashion-mnist, cifar10 or a .pt/.npy file)")
+    if path.endswith(".npy"):
+        return _read_npy(path)
+    if not path.endswith(".pt"):
+        raise DataError(f"{path}: unknown extension; --data takes a .pt or .npy file")
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unpickling errors all mean: not a tensor file we can read
+        raise DataError(f"{path}: cannot be read as a tensor with torch.load(weights_only=True): {e}")
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{path}: holds a {type(x).__name__}, not a tensor")
+    return x
+
+
+def check_images(x, source):
+    """Validate an image tensor and return it as (N, C, H, W), uint8 in [0,255] or float32 in [0,1]."""
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4:
+        raise DataError(f"{source}: shape {tuple(x.shape)} is not (N,H,W) or (N,C,H,W)")
+    if x.numel() == 0:
+        raise DataError(f"{source}: empty tensor, shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.contiguous()
+    if not x.is_floating_point():
+        raise DataError(f"{source}: dtype {x.dtype}; use uint8 in [0,255] or float in [0,1]")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise DataError(f"{source}: contains NaN or inf")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise DataError(f"{source}: float values in [{lo:g}, {hi:g}], outside [0, 1]; "
+                        "scale float images to [0, 1] or save them as uint8")
+    return x.contiguous()
+
+
+def load_images(data, data_dir="data", split="train"):
+    """Images (N, C, H, W) as uint8 in [0,255] or float32 in [0,1]; see to_range() for the model's range.
+
+    `data` is a data set name (downloaded on first use) or a .pt/.npy file. A file has no train/test split:
+    the same tensor serves both.
+    """
+    if data in DATASETS:
+        path = download(data, split, data_dir)
+        x = _read_idx(path) if DATASETS[data]["kind"] == "idx" else _read_cifar(path, split)
+        return check_images(x, path)
+    return check_images(_read_tensor(data), data)
+
+
+def to_range(x, lo):
+    """uint8 [0,255] or float [0,1] images -> float32 in [lo, 1] (lo = -1 for DDPM as in the paper, 0 for VAE/NCSN)."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    return x * 2 - 1 if lo == -1 else x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device, seeding, optimiser, EMA, progress
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)  # RuntimeError on a malformed string; the scripts turn it into a usage error
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (the fast path); full fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_generator(seed, step, device):
+    """A generator for one training step, derived from (seed, step): after --resume, or on every torchrun rank,
+    step k draws the same batch indices and noise as an uninterrupted single-process run."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def make_optimizer(model, lr, warmup):
+    """Adam with linear warm-up of the learning rate over `warmup` steps (DDPM: lr 2e-4, warm-up 5000)."""
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    opt = torch.optim.Adam(model.parameters(), lr=lr, **fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return opt, sched
+
+
+def make_ema(model, decay):
+    """EMA of the weights with torch.optim.swa_utils.AveragedModel.
+
+    The decay ramps as min(decay, (1+n)/(10+n)) with n the number of updates, so that after a short CPU run the
+    average is not dominated by the random initialisation (0.9999 needs ~10^4 steps to forget it).
+    """
+
+    def ema_update(avg, cur, n):
+        d = torch.clamp((1 + n) / (10 + n), max=decay)  # n is a device tensor: no host sync
+        for a, c in zip(avg, cur):
+            a.lerp_(c, (1 - d).to(a.dtype))
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update)
+
+
+class Progress:
+    """One line per report: step, loss, it/s, ETA."""
+
+    def __init__(self, total, start=0, what="step"):
+        self.total, self.start, self.what, self.t0 = total, start, what, time.time()
+
+    def line(self, step, **values):
+        rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        return f"{self.what} {step}/{self.total} {extra} {rate:.2f} it/s ETA {_hms(eta)}".replace("  ", " ")
+
+
+class StopOnInterrupt:
+    """Within `with StopOnInterrupt() as stop:`, Ctrl-C (SIGINT) sets stop.requested instead of raising, so the
+    training loop ends at a step boundary and saves a consistent checkpoint. A second Ctrl-C acts at once."""
+
+    def __enter__(self):
+        self.requested, self._old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _hms(sec):
+    if not math.isfinite(sec):
+        return "?"
+    sec = int(sec)
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class CheckpointError(Exception):
+    """A checkpoint that can't be used here; the message says why."""
+
+
+def unwrap(model):
+    """The plain module under DistributedDataParallel and torch.compile wrappers (no `module.`/`_orig_mod.`)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a kill at any moment leaves
+    the old checkpoint or the new one, never part of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint written by one of the scripts (weights_only=True: loading can't run code).
+
+    Returns the dict: 'kind' (script), 'args' (plain values), 'model' and 'ema' state_dicts, 'step', ...
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path} (train first with --train, or point --out at the run's folder)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt and can't be loaded ({type(e).__name__}: {e})")
+    if not isinstance(ck, dict) or "kind" not in ck or "model" not in ck:
+        raise CheckpointError(f"{path} is not a checkpoint written by these scripts")
+    if kind is not None and ck["kind"] != kind:
+        raise CheckpointError(f"{path} is a {ck['kind']}.py checkpoint, not a {kind}.py one")
+    return ck
+
+
+def check_same(ck_args, args, keys, path):
+    """Refuse to resume when the model or data shape differs from the checkpoint's, naming each difference."""
+    diff = [f"{k}: checkpoint {ck_args.get(k)!r}, now {args[k]!r}" for k in keys if ck_args.get(k) != args[k]]
+    if diff:
+        raise CheckpointError(f"{path} was trained with a different model or data shape:\n  " + "\n  ".join(diff))
+
+
+def pause_if_asked(step):
+    """For the kill test only: PAUSE_AFTER_CHECKPOINT=<step> makes the process wait right after that checkpoint."""
+    if os.environ.get("PAUSE_AFTER_CHECKPOINT") == str(step):
+        print(f"paused after checkpoint {step}", flush=True)
+        time.sleep(3600)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PNG grid (zlib only: no Pillow, no torchvision)
+
+
+def write_png(path, images, nrow=None, pad=2):
+    """Write images (N, C, H, W) with values in [0, 1] as one 8-bit PNG grid (C = 1 grey, C = 3 RGB)."""
+    x = images.detach().float().cpu().clamp(0, 1)
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        raise ValueError(f"PNG grid takes 1 or 3 channels, got {c}")
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[k]
+    pix = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()  # H, W, C
+    H, W = pix.shape[:2]
+    # each scan line is prefixed by filter type 0 (none)
+    rows = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), pix.reshape(H, -1)], dim=1).contiguous()
+    raw = bytes(rows.untyped_storage())
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", W, H, 8, 0 if c == 1 else 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    _atomic_write(path, png)
+
+
+def _atomic_write(path, data):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_samples(out, name, x01):
+    """Samples in [0,1] to OUT/name.png (grid) and OUT/name.pt (tensor); returns the two paths."""
+    png, pt = os.path.join(out, name + ".png"), os.path.join(out, name + ".pt")
+    write_png(png, x01)
+    save_checkpoint(pt, x01.detach().float().cpu())
+    return png, pt
+
+
+def check_writable(folder):
+    """Create the output folder and prove it can be written, before any training starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"output folder {folder} can't be written: {e.strerror or e}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed (torchrun)
+
+
+def setup_distributed(device_name="auto"):
+    """(rank, world_size, device). Under torchrun: init the process group (NCCL on CUDA, else gloo);
+    each rank uses its LOCAL_RANK GPU. Otherwise rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
