@@ -242,7 +242,7 @@ def bound_terms(model, s, x0, t, var="beta_tilde", eps=None, generator=None):
     if eps is None:
         eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=torch.float64)
     xt = q_sample(s, x0, t, eps.double())
-    eps_theta = model(xt.float(), t).double()
+    eps_theta = model(xt.to(next(model.parameters()).dtype), t).double()  # the network in its own precision
     mean_theta, var_theta = p_mean(s, xt, t, eps_theta), _at(sigma2, t, xt)
     # 推导: L_{t-1} = D_KL(q(x_{t-1}|x_t,x_0) || p_θ(x_{t-1}|x_t))
     mean_q, var_q = q_posterior(s, x0, xt, t)

@@ -1,0 +1,306 @@
+"""The closed forms of the notes checked against independent oracles: Monte Carlo, Bayes' rule, autograd,
+torch.distributions. Statistical checks use fixed seeds and tolerances of 5 standard errors.
+
+Where the notes write a formula that is wrong, a test here shows that the notes' version fails the same check.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import ddpm
+
+FEW = settings(max_examples=6, derandomize=True, deadline=None)
+D64 = torch.float64
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_close_se(estimate, target, se, k=5.0, what=""):
+    """|estimate - target| <= k standard errors (elementwise)."""
+    estimate, target, se = (torch.as_tensor(v, dtype=D64) for v in (estimate, target, se))
+    err = (estimate - target).abs()
+    assert torch.all(err <= k * se), f"{what}: |{estimate} - {target}| = {err} > {k} * {se}"
+
+
+# ==========================================================================================================
+# DDPM: 扩散过程 / 推导 / 训练与推理
+
+
+S = ddpm.schedule()  # T = 1000, β from 1e-4 to 0.02
+
+
+def test_schedule_indexing_follows_the_notes():
+    assert S.beta.dtype == D64 and len(S.beta) == S.T + 1 == 1001
+    assert S.alpha_bar[0] == 1 and S.beta_tilde[1] == 0
+    assert math.isclose(S.beta[1].item(), 1e-4) and math.isclose(S.beta[S.T].item(), 0.02)
+    assert torch.allclose(S.alpha_bar[1:], torch.cumprod(1 - S.beta[1:], 0))
+    t = torch.arange(2, S.T + 1)
+    assert torch.allclose(S.beta_tilde[t], S.beta[t] * (1 - S.alpha_bar[t - 1]) / (1 - S.alpha_bar[t]))
+
+
+def test_notes_error_betas_increase_not_decrease():
+    # The notes (扩散过程) say β_1 > β_2 > ... > β_T. DDPM's betas increase; the notes' order fails this.
+    assert torch.all(S.beta[2:] > S.beta[1:-1])
+    with pytest.raises(ValueError, match="increase"):
+        ddpm.schedule(beta_1=0.02, beta_T=1e-4)
+    # what the order changes: with increasing betas x_1 keeps almost all of x_0 (ᾱ_1 = 0.9999) while the
+    # notes' decreasing order would already scale it by sqrt(0.98)
+    assert S.alpha_bar[1] > 0.9998
+
+
+@FEW
+@given(t=st.integers(1, 1000), x0=st.floats(-1, 1))
+def test_q_xt_given_x0_equals_running_the_chain(t, x0):
+    # q(x_t|x_0) in closed form against running q(x_t|x_{t-1}) = N(sqrt(α_t) x_{t-1}, β_t) step by step
+    M = 40_000
+    g = gen(t)
+    x = torch.full((M,), x0, dtype=D64)
+    for k in range(1, t + 1):
+        x = S.alpha[k].sqrt() * x + S.beta[k].sqrt() * torch.randn(M, generator=g, dtype=D64)
+    ts = torch.tensor([t])
+    mean = ddpm.q_sample(S, torch.tensor([[x0]], dtype=D64), ts, torch.zeros(1, 1, dtype=D64)).item()
+    std = ddpm.q_sample(S, torch.zeros(1, 1, dtype=D64), ts, torch.ones(1, 1, dtype=D64)).item()
+    assert_close_se(x.mean(), mean, std / math.sqrt(M), what="mean")
+    assert_close_se(x.var(), std ** 2, std ** 2 * math.sqrt(2 / (M - 1)), what="variance")
+
+
+def bayes_posterior(t, x0, xt):
+    """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): product of two Gaussians in x_{t-1}."""
+    a, A = S.alpha_bar[t - 1].sqrt(), 1 - S.alpha_bar[t - 1]  # q(x_{t-1}|x_0) = N(a x_0, A)
+    c, b = S.alpha[t].sqrt(), S.beta[t]  # q(x_t|x_{t-1}) = N(c x_{t-1}, b)
+    precision = 1 / A + c ** 2 / b
+    return (a * x0 / A + c * xt / b) / precision, 1 / precision
+
+
+def notes_posterior_mean(t, x0, xt):
+    # the notes' u_{q,t} = [(1-ᾱ_{t-1}) sqrt(ᾱ_t) x_t + β_t sqrt(ᾱ_{t-1}) x_0] / (1-ᾱ_t)
+    return ((1 - S.alpha_bar[t - 1]) * S.alpha_bar[t].sqrt() * xt + S.beta[t] * S.alpha_bar[t - 1].sqrt() * x0) / (1 - S.alpha_bar[t])
+
+
+@FEW
+@given(t=st.integers(2, 1000), x0=st.floats(-1, 1), xt=st.floats(-3, 3))
+def test_q_posterior_is_bayes_rule(t, x0, xt):
+    mean, var = ddpm.q_posterior(S, torch.tensor([[x0]], dtype=D64), torch.tensor([[xt]], dtype=D64), torch.tensor([t]))
+    m_ref, v_ref = bayes_posterior(t, x0, xt)
+    assert torch.allclose(mean, m_ref.reshape(1, 1), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(var, v_ref.reshape(1, 1), rtol=1e-9)
+
+
+def test_q_posterior_at_t1_is_x0():
+    # ᾱ_0 = 1: given x_1 and x_0, x_0 is known, so q(x_0|x_1,x_0) is a point mass at x_0
+    mean, var = ddpm.q_posterior(S, torch.tensor([[0.3]], dtype=D64), torch.tensor([[-1.2]], dtype=D64), torch.tensor([1]))
+    assert torch.allclose(mean, torch.tensor([[0.3]], dtype=D64)) and var.item() == 0
+
+
+def test_notes_error_posterior_mean_uses_sqrt_alpha_t_not_sqrt_alpha_bar_t():
+    # The notes (推导) write sqrt(ᾱ_t) x_t in u_{q,t}; Bayes' rule gives sqrt(α_t) x_t. Same check, notes fail it.
+    for t, x0, xt in [(50, 0.5, 1.0), (300, -0.3, 0.8), (900, 0.0, 1.5)]:
+        m_ref, _ = bayes_posterior(t, x0, xt)
+        ours = ddpm.q_posterior(S, torch.tensor([[x0]], dtype=D64), torch.tensor([[xt]], dtype=D64), torch.tensor([t]))[0]
+        assert torch.allclose(ours, m_ref.reshape(1, 1), rtol=1e-9)
+        assert not torch.allclose(notes_posterior_mean(t, x0, xt), m_ref, rtol=1e-2), t
+
+
+@pytest.mark.parametrize("t", [2, 50, 500])
+def test_q_posterior_by_monte_carlo_regression(t):
+    # draw (x_{t-1}, x_t) jointly given x_0 and regress x_{t-1} on x_t: slope, intercept, residual variance
+    M, x0 = 400_000, 0.7
+    g = gen(t)
+    xprev = S.alpha_bar[t - 1].sqrt() * x0 + (1 - S.alpha_bar[t - 1]).sqrt() * torch.randn(M, generator=g, dtype=D64)
+    xt = S.alpha[t].sqrt() * xprev + S.beta[t].sqrt() * torch.randn(M, generator=g, dtype=D64)
+    xc = xt - xt.mean()
+    slope = (xc * (xprev - xprev.mean())).sum() / (xc ** 2).sum()
+    intercept = xprev.mean() - slope * xt.mean()
+    resid = xprev - intercept - slope * xt
+    res_var = resid.var()
+    # the posterior mean is linear in x_t: mean(x_t) = slope x_t + intercept
+    m0, var = ddpm.q_posterior(S, torch.tensor([[x0]], dtype=D64), torch.zeros(1, 1, dtype=D64), torch.tensor([t]))
+    m1, _ = ddpm.q_posterior(S, torch.tensor([[x0]], dtype=D64), torch.ones(1, 1, dtype=D64), torch.tensor([t]))
+    se_slope = res_var.sqrt() / (xc ** 2).sum().sqrt()
+    se_int = res_var.sqrt() * (1 / M + xt.mean() ** 2 / (xc ** 2).sum()).sqrt()
+    assert_close_se(slope, (m1 - m0).item(), se_slope, what="slope")
+    assert_close_se(intercept, m0.item(), se_int, what="intercept")
+    assert_close_se(res_var, var.item(), var.item() * math.sqrt(2 / (M - 1)), what="residual variance")
+
+
+@FEW
+@given(t=st.integers(1, 1000), seed=st.integers(0, 100))
+def test_eps_form_mean_equals_posterior_mean_with_true_noise(t, seed):
+    g = gen(seed)
+    x0 = torch.rand(3, 4, generator=g, dtype=D64) * 2 - 1
+    eps = torch.randn(3, 4, generator=g, dtype=D64)
+    ts = torch.full((3,), t)
+    xt = ddpm.q_sample(S, x0, ts, eps)
+    assert torch.allclose(ddpm.p_mean(S, xt, ts, eps), ddpm.q_posterior(S, x0, xt, ts)[0], atol=1e-8)
+    assert torch.allclose(ddpm.predict_x0(S, xt, ts, eps), x0, atol=1e-8)
+
+
+class PointMassEps(torch.nn.Module):
+    """The exact ε-prediction when the data distribution is a point mass at c: ε = (x_t - sqrt(ᾱ_t) c) / sqrt(1-ᾱ_t)."""
+
+    def __init__(self, c, s):
+        super().__init__()
+        self.register_buffer("c", c)
+        self.s = s
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # samplers read the device from the parameters
+
+    def forward(self, x, t):
+        ab = self.s.alpha_bar[t].to(x.dtype).reshape(-1, 1, 1, 1)
+        return (x - ab.sqrt() * self.c) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("var", ["beta_tilde", "beta"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_sampler_with_exact_eps_returns_the_point(var, clip):
+    c = torch.linspace(-0.9, 0.9, 16).reshape(1, 1, 4, 4)
+    model = PointMassEps(c, S)
+    x = ddpm.sample(model, S, (8, 1, 4, 4), var=var, clip_x0=clip, generator=gen(1))
+    assert (x - c).abs().max() < 1e-4
+
+
+def test_notes_error_no_noise_at_the_last_sampling_step():
+    # The notes (训练与推理) add σ_t ε' at every step, t = 1 included. DDPM's Algorithm 2 sets z = 0 at t = 1.
+    # With the exact ε of a point mass our sampler returns the point; the notes' extra σ_1 ε' (σ_1^2 = β_1 with
+    # var="beta") moves each pixel by ~0.01, which fails the same 1e-4 check.
+    c = torch.zeros(1, 1, 8, 8)
+    x = ddpm.sample(PointMassEps(c, S), S, (16, 1, 8, 8), var="beta", generator=gen(2))
+    assert (x - c).abs().max() < 1e-4
+    notes_x = x + S.beta[1].sqrt().float() * torch.randn(x.shape, generator=gen(3))
+    assert (notes_x - c).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50, 1000])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_with_exact_eps_returns_the_point(steps, eta):
+    c = torch.linspace(-0.9, 0.9, 16).reshape(1, 1, 4, 4)
+    x = ddpm.ddim_sample(PointMassEps(c, S), S, (4, 1, 4, 4), steps=steps, eta=eta, generator=gen(4))
+    assert (x - c).abs().max() < 1e-4
+
+
+class TinyEps(torch.nn.Module):
+    """A small fixed ε-model that is not exact: enough to tell two samplers or two bounds apart."""
+
+    def __init__(self):
+        super().__init__()
+        g = gen(7)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(1, 1, 3, 3, generator=g) * 0.3)
+            self.conv.bias.zero_()
+
+    def forward(self, x, t):
+        x = x.to(self.conv.weight.dtype)
+        return torch.tanh(self.conv(x) + x + 0.001 * t.to(x.dtype).reshape(-1, 1, 1, 1))
+
+
+def test_ddim_eta1_full_steps_is_the_ancestral_sampler():
+    s = ddpm.schedule(T=50)
+    m = TinyEps()
+    a = ddpm.sample(m, s, (4, 1, 6, 6), var="beta_tilde", generator=gen(5))
+    b = ddpm.ddim_sample(m, s, (4, 1, 6, 6), steps=50, eta=1.0, generator=gen(5))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_ddim_eta0_is_deterministic_and_spans_T_to_0():
+    s = ddpm.schedule(T=100)
+    m = TinyEps()
+    a = ddpm.ddim_sample(m, s, (2, 1, 6, 6), steps=7, generator=gen(6))
+    b = ddpm.ddim_sample(m, s, (2, 1, 6, 6), steps=7, generator=gen(6))
+    assert torch.equal(a, b)
+    seen = []
+    m2 = lambda x, t: (seen.append(int(t[0])), m(x, t))[1]  # noqa: E731
+    m2.parameters = m.parameters
+    ddpm.ddim_sample(m2, s, (1, 1, 6, 6), steps=7, generator=gen(6))
+    assert seen[0] == 100 and len(set(seen)) == 7 and seen == sorted(seen, reverse=True)
+
+
+# ---- the bound (L_T + sum L_{t-1} + L_0)
+
+
+@FEW
+@given(m1=st.floats(-3, 3), v1=st.floats(0.01, 4), m2=st.floats(-3, 3), v2=st.floats(0.01, 4))
+def test_gaussian_kl_matches_torch_distributions(m1, v1, m2, v2):
+    N = torch.distributions.Normal
+    ref = torch.distributions.kl_divergence(N(torch.tensor(m1, dtype=D64), math.sqrt(v1)), N(torch.tensor(m2, dtype=D64), math.sqrt(v2)))
+    got = ddpm.gaussian_kl(*(torch.tensor(v, dtype=D64) for v in (m1, v1, m2, v2)))
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
+
+
+@FEW
+@given(mean=st.floats(-1.5, 1.5), std=st.floats(1e-3, 2.0))
+def test_discretised_decoder_bins_sum_to_one_and_match_cdf(mean, std):
+    levels = torch.arange(256, dtype=D64) / 127.5 - 1  # the 256 values of 8-bit data in [-1, 1]
+    m, v = torch.full_like(levels, mean), torch.full_like(levels, std ** 2)
+    p = ddpm.discretized_gaussian_log_likelihood(levels, m, v).exp()
+    assert abs(p.sum().item() - 1) < 1e-6
+    normal = torch.distributions.Normal(torch.tensor(mean, dtype=D64), std)
+    edges = torch.cat([torch.tensor([-math.inf]), (levels[:-1] + levels[1:]) / 2, torch.tensor([math.inf])]).to(D64)
+    direct = normal.cdf(edges[1:]) - normal.cdf(edges[:-1])
+    assert torch.allclose(p, direct.clamp(min=1e-12), atol=1e-9)
+
+
+def test_prior_term_is_negligible():
+    x0 = torch.tensor([[-1.0, 1.0, 0.0, 0.5]], dtype=D64)
+    assert ddpm.prior_term(S, x0).item() / (4 * math.log(2)) < 1e-4
+
+
+def test_each_kl_term_is_the_weighted_eps_loss():
+    # 推导: with σ_t^2 = β̃_t, L_{t-1} = β_t^2 / (2 σ_t^2 α_t (1-ᾱ_t)) ||ε - ε_θ(x_t, t)||^2 exactly
+    s = ddpm.schedule(T=10)
+    m = TinyEps().double()
+    g = gen(8)
+    x0 = torch.rand(3, 1, 4, 4, generator=g, dtype=D64) * 2 - 1
+    for t_int in range(2, 11):
+        eps = torch.randn(x0.shape, generator=g, dtype=D64)
+        t = torch.full((3,), t_int)
+        got = ddpm.bound_terms(m, s, x0, t, "beta_tilde", eps=eps)
+        w = s.beta[t_int] ** 2 / (2 * s.beta_tilde[t_int] * s.alpha[t_int] * (1 - s.alpha_bar[t_int]))
+        ref = w * ((eps - m(ddpm.q_sample(s, x0, t, eps), t)) ** 2).flatten(1).sum(1)
+        assert torch.allclose(got, ref, rtol=1e-8), t_int
+
+
+def test_bound_equals_monte_carlo_of_log_q_minus_log_p():
+    # E_q[log q(x_{1:T}|x_0) - log p_θ(x_{0:T})] by sampling whole trajectories, against the sum of the
+    # closed-form terms (which still average over x_t). Both are estimates: compare within 5 combined SEs.
+    T, s, m = 10, ddpm.schedule(T=10, beta_1=0.05, beta_T=0.4), TinyEps().double()
+    sig2 = s.sigma2("beta_tilde")
+    x0 = (torch.randint(0, 256, (1, 1, 2, 2), generator=gen(9)).to(D64) / 127.5 - 1)
+    R = 4000
+    X0 = x0.expand(R, -1, -1, -1)
+    g = gen(10)
+    xs = [X0]
+    logq = torch.zeros(R, dtype=D64)
+    N = torch.distributions.Normal
+    for t in range(1, T + 1):
+        mu = s.alpha[t].sqrt() * xs[-1]
+        nxt = mu + s.beta[t].sqrt() * torch.randn(X0.shape, generator=g, dtype=D64)
+        logq += N(mu, s.beta[t].sqrt()).log_prob(nxt).flatten(1).sum(1)
+        xs.append(nxt)
+    logp = N(0.0, 1.0).log_prob(xs[T]).flatten(1).sum(1)
+    for t in range(T, 0, -1):
+        tt = torch.full((R,), t)
+        mean = ddpm.p_mean(s, xs[t], tt, m(xs[t], tt))
+        if t > 1:
+            logp += N(mean, sig2[t].sqrt()).log_prob(xs[t - 1]).flatten(1).sum(1)
+        else:
+            logp += ddpm.discretized_gaussian_log_likelihood(X0, mean, sig2[1].expand_as(mean)).flatten(1).sum(1)
+    mc = logq - logp
+    D = x0.numel()
+    reps = torch.cat([ddpm.nll_bits_per_dim(m, s, x0, generator=gen(100 + k))[0] for k in range(400)]) * D * math.log(2)
+    se = math.sqrt(mc.var().item() / R + reps.var().item() / len(reps))
+    assert_close_se(reps.mean(), mc.mean(), se, what="bound vs Monte Carlo (nats)")
+
+
+def test_t_sampled_bound_agrees_with_the_full_sum():
+    s, m = ddpm.schedule(T=20, beta_1=0.01, beta_T=0.3), TinyEps().double()
+    x0 = torch.randint(0, 256, (1, 1, 3, 3), generator=gen(11)).to(D64) / 127.5 - 1
+    full = torch.cat([ddpm.nll_bits_per_dim(m, s, x0, generator=gen(200 + k))[0] for k in range(200)])
+    est, se = ddpm.nll_bits_per_dim(m, s, x0.expand(300, -1, -1, -1), t_samples=5, generator=gen(12))
+    # each row is an independent estimate with its own SE; pool them
+    pooled_se = math.sqrt(est.var().item() / len(est) + full.var().item() / len(full))
+    assert_close_se(est.mean(), full.mean(), pooled_se, what="t-sampled vs full bound")
+    assert torch.isfinite(se).all() and (se > 0).all()
