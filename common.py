@@ -301,7 +301,7 @@ def download(name, split, data_dir, timeout=30):
             os.replace(tmp, path)  # readers never see a half-written file
             return path
         except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
-            failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
+            failures.append(f"{url}: {e}")
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
