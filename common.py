@@ -208,7 +208,7 @@ unit_interval = _typed(lambda s: float(s) if 0 <= float(s) < 1 else None, "a num
 int_list = _typed(lambda s: [int(v) for v in s.split(",") if v.strip()], "a comma-separated list of integers")
 
 
-def add_common_args(p):
+def add_common_args(p, ema=True, clip=1.0):
     """The flags every script shares: what to do, where, on which data and device, and the optimiser."""
     g = p.add_argument_group("what to do")
     g.add_argument("--train", action="store_true", help="train (downloads the data set on first use)")
@@ -226,8 +226,9 @@ def add_common_args(p):
     g.add_argument("--batch-size", type=positive_int, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=positive_float, help="Adam learning rate")
     g.add_argument("--warmup", type=nonneg_int, help="linear learning-rate warm-up steps")
-    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient-norm clip (default 1.0)")
-    g.add_argument("--ema-decay", type=open_unit, help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
+    g.add_argument("--grad-clip", type=positive_float, default=clip, help=f"gradient-norm clip (default {clip})")
+    if ema:
+        g.add_argument("--ema-decay", type=open_unit, help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between progress lines (default 100)")
     g.add_argument("--ckpt-every", type=positive_int, default=1000, help="steps between checkpoints (default 1000)")
 
@@ -585,6 +586,42 @@ def check_same(ck_args, args, keys, path):
         raise CheckpointError(f"{path} was trained with a different model or data shape:\n  " + "\n  ".join(diff))
 
 
+def training_state(kind, args, step, model, opt, sched, ema=None):
+    """Everything --resume needs, as state_dicts of the unwrapped modules and plain values (weights_only-safe)."""
+    state = dict(kind=kind, args=args, step=step, model=unwrap(model).state_dict(), opt=opt.state_dict(),
+                 sched=sched.state_dict(), rng=rng_state())
+    if ema is not None:
+        state.update(ema=ema.module.state_dict(), ema_n=int(ema.n_averaged.item()))
+    return state
+
+
+def restore_training(ck, model, opt, sched, ema=None):
+    """Load a training_state() dict back into fresh objects; returns the step to continue from."""
+    model.load_state_dict(ck["model"])
+    if ema is not None:
+        ema.module.load_state_dict(ck["ema"])
+        ema.n_averaged.fill_(ck["ema_n"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    set_rng_state(ck["rng"])
+    return ck["step"]
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss or gradient norm was NaN/inf: no host sync per step.
+    Read it (one sync) with the logged loss and always before writing a checkpoint or samples."""
+
+    def __init__(self, device):
+        self.first = torch.full((), -1, device=device, dtype=torch.long)
+
+    def update(self, step, *values):
+        ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
+        self.first = torch.where((self.first < 0) & ~ok, torch.full_like(self.first, step), self.first)
+
+    def found(self):
+        return self.first.item() >= 0
+
+
 def pause_if_asked(step):
     """For the kill test only: PAUSE_AFTER_CHECKPOINT=<step> makes the process wait right after that checkpoint."""
     if os.environ.get("PAUSE_AFTER_CHECKPOINT") == str(step):
@@ -630,10 +667,10 @@ def _atomic_write(path, data):
     os.replace(tmp, path)
 
 
-def save_samples(out, name, x01):
+def save_samples(out, name, x01, nrow=None):
     """Samples in [0,1] to OUT/name.png (grid) and OUT/name.pt (tensor); returns the two paths."""
     png, pt = os.path.join(out, name + ".png"), os.path.join(out, name + ".pt")
-    write_png(png, x01)
+    write_png(png, x01, nrow)
     save_checkpoint(pt, x01.detach().float().cpu())
     return png, pt
 

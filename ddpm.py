@@ -415,13 +415,7 @@ def train(args, rank, world, device):
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, kind="ddpm")
         common.check_same(ck["args"], ck_args, MODEL_KEYS, ckpt_path)
-        model.load_state_dict(ck["model"])
-        ema.module.load_state_dict(ck["ema"])
-        ema.n_averaged.fill_(ck["ema_n"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        common.set_rng_state(ck["rng"])
-        step = ck["step"]
+        step = common.restore_training(ck, model, opt, sched, ema)
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {step}", flush=True)
     net = model
@@ -431,16 +425,14 @@ def train(args, rank, world, device):
         net = torch.compile(net)
 
     def save(step):
-        if first_bad.item() >= 0:  # never let a non-finite weight reach the disk: the last good file stays
+        if bad.found():  # never let a non-finite weight reach the disk: the last good file stays
             return
         if rank == 0:
-            common.save_checkpoint(ckpt_path, dict(
-                kind="ddpm", args=ck_args, step=step, model=model.state_dict(), ema=ema.module.state_dict(),
-                ema_n=int(ema.n_averaged.item()), opt=opt.state_dict(), sched=sched.state_dict(), rng=common.rng_state()))
+            common.save_checkpoint(ckpt_path, common.training_state("ddpm", ck_args, step, model, opt, sched, ema))
             common.pause_if_asked(step)
 
     # ---- the training loop (训练与推理): x_0 ~ data, t ~ U{1..T}, ε ~ N(0, I), gradient step on L_simple
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss or gradient
+    bad = common.NonFiniteWatch(device)
     bar = common.Progress(args.steps, start=step)
     lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
     model.train()
@@ -460,11 +452,10 @@ def train(args, rank, world, device):
             opt.step()
             sched.step()
             ema.update_parameters(model)
-            ok = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
-            first_bad = torch.where((first_bad < 0) & ~ok, torch.full_like(first_bad, step + 1), first_bad)
             step += 1
+            bad.update(step, loss, gnorm)
             if step % args.log_every == 0 or step == args.steps:
-                if first_bad.item() >= 0:
+                if bad.found():
                     break
                 if rank == 0:
                     print(bar.line(step, loss=loss.item(), lr=sched.get_last_lr()[0]), flush=True)
@@ -472,12 +463,12 @@ def train(args, rank, world, device):
                 save(step)
     if stop.requested:
         save(step)
-        if first_bad.item() < 0 and rank == 0:
+        if not bad.found() and rank == 0:
             print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. "
                   f"Resume with: python ddpm.py --train --resume --out {args.out}", file=sys.stderr)
         raise SystemExit(130)
-    if first_bad.item() >= 0:
-        raise SystemExit(f"error: non-finite loss or gradient at step {first_bad.item()}; training stopped. "
+    if bad.found():
+        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
                          f"The last good checkpoint is {ckpt_path} (lower --lr, check the data).")
     if rank == 0 and args.final_samples:
         ema.module.eval()

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import ddpm
+import vae
 
 FEW = settings(max_examples=6, derandomize=True, deadline=None)
 D64 = torch.float64
@@ -304,3 +305,175 @@ def test_t_sampled_bound_agrees_with_the_full_sum():
     pooled_se = math.sqrt(est.var().item() / len(est) + full.var().item() / len(full))
     assert_close_se(est.mean(), full.mean(), pooled_se, what="t-sampled vs full bound")
     assert torch.isfinite(se).all() and (se > 0).all()
+
+
+# ==========================================================================================================
+# VAE
+
+
+MU = st.floats(-3, 3)
+LOGVAR = st.floats(-4, 4)
+
+
+@FEW
+@given(mu=st.lists(MU, min_size=3, max_size=3), lv=st.lists(LOGVAR, min_size=3, max_size=3))
+def test_kl_closed_form_matches_torch_distributions_and_monte_carlo(mu, lv):
+    mu, lv = torch.tensor([mu], dtype=D64), torch.tensor([lv], dtype=D64)
+    q = torch.distributions.Normal(mu, (0.5 * lv).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    kl = vae.kl_to_standard_normal(mu, lv)
+    assert torch.allclose(kl, torch.distributions.kl_divergence(q, p).sum(1), rtol=1e-10)
+    M = 100_000
+    v = mu + (0.5 * lv).exp() * torch.randn((M, 3), generator=gen(1), dtype=D64)
+    terms = (q.log_prob(v) - p.log_prob(v)).sum(-1)
+    assert_close_se(terms.mean(), kl.item(), terms.std() / math.sqrt(M), what="KL by Monte Carlo")
+
+
+def test_notes_error_kl_direction():
+    # The notes' intro writes KL(N || N_g) (prior first); the derivation needs KL(q_φ(v|x) || p(v)).
+    mu, lv = torch.tensor([[0.5, -1.0]], dtype=D64), torch.tensor([[-2.0, 1.5]], dtype=D64)
+    q = torch.distributions.Normal(mu, (0.5 * lv).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    kl = vae.kl_to_standard_normal(mu, lv)
+    assert torch.allclose(kl, torch.distributions.kl_divergence(q, p).sum(1))
+    assert not torch.allclose(kl, torch.distributions.kl_divergence(p, q).sum(1), rtol=0.05)
+
+
+@FEW
+@given(mu=MU, lv=LOGVAR)
+def test_reparameterised_samples_have_mean_U_and_std_sigma(mu, lv):
+    M = 100_000
+    v = vae.reparameterize(torch.full((M, 1), mu, dtype=D64), torch.full((M, 1), lv, dtype=D64),
+                           eps=torch.randn((M, 1), generator=gen(2), dtype=D64))
+    sigma = math.exp(0.5 * lv)
+    assert_close_se(v.mean(), mu, sigma / math.sqrt(M), what="mean")
+    assert_close_se(v.std(), sigma, sigma / math.sqrt(2 * (M - 1)), what="std")
+
+
+def test_notes_error_reparameterisation_uses_sigma_not_sigma_squared():
+    # The notes write v = U + σ^2 ⊗ ε. For σ = e^{-1} (log σ^2 = -2) the samples' std must be σ; the notes' σ^2
+    # gives e^{-2}, which fails the same 5-SE check by a wide margin.
+    M, lv = 100_000, -2.0
+    eps = torch.randn((M, 1), generator=gen(3), dtype=D64)
+    v = vae.reparameterize(torch.zeros(M, 1, dtype=D64), torch.full((M, 1), lv, dtype=D64), eps=eps)
+    sigma, se = math.exp(0.5 * lv), math.exp(0.5 * lv) / math.sqrt(2 * (M - 1))
+    assert abs(v.std().item() - sigma) < 5 * se
+    notes_v = math.exp(lv) * eps
+    assert abs(notes_v.std().item() - sigma) > 100 * se
+
+
+def test_reparameterisation_gradients_flow_to_U_and_sigma():
+    mu = torch.tensor([[0.3, -0.2]], dtype=D64, requires_grad=True)
+    lv = torch.tensor([[0.5, -1.0]], dtype=D64, requires_grad=True)
+    eps = torch.tensor([[1.5, -0.7]], dtype=D64)
+    vae.reparameterize(mu, lv, eps=eps).sum().backward()
+    assert torch.allclose(mu.grad, torch.ones_like(mu))
+    assert torch.allclose(lv.grad, 0.5 * (0.5 * lv.detach()).exp() * eps)  # dv/dlogσ^2 = σ ε / 2
+
+
+def test_notes_error_gaussian_normaliser():
+    # log p_θ(x|v) = -n log(sqrt(2π) σ) - ||x - u||^2/(2σ^2), against torch.distributions. The notes' density
+    # 1/(2 π^{n/2} σ^n) differs by log 2 - (n/2) log 2 nats, which fails the same check.
+    g = gen(4)
+    x, mean, sigma = torch.rand(2, 1, 4, 4, generator=g, dtype=D64), torch.rand(2, 1, 4, 4, generator=g, dtype=D64), 0.3
+    ours = vae.log_px_given_v(mean, x, "gaussian", sigma)
+    ref = torch.distributions.Normal(mean, sigma).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(ours, ref, rtol=1e-10)
+    n = 16
+    notes = -math.log(2) - n / 2 * math.log(math.pi) - n * math.log(sigma) - ((x - mean) ** 2).flatten(1).sum(1) / (2 * sigma ** 2)
+    assert not torch.allclose(notes, ref, atol=1.0)
+
+
+def test_notes_final_loss_is_minus_2_sigma2_elbo_and_the_notes_version_is_not():
+    g = gen(5)
+    x, xm = torch.rand(3, 1, 4, 4, generator=g, dtype=D64), torch.rand(3, 1, 4, 4, generator=g, dtype=D64)
+    mu, lv, sx = torch.randn(3, 5, generator=g, dtype=D64), torch.randn(3, 5, generator=g, dtype=D64), 0.2
+    L = vae.log_px_given_v(xm, x, "gaussian", sx) - vae.kl_to_standard_normal(mu, lv)
+    n = 16
+    assert torch.allclose(vae.notes_loss(x, xm, mu, lv, sx), -2 * sx ** 2 * (L + n * math.log(math.sqrt(2 * math.pi) * sx)))
+    # the notes' final line has u_φ(x)_i where the KL has u_φ(x)_i^2: it is unbounded below in U
+    notes_written = ((x - xm) ** 2).flatten(1).sum(1) + sx ** 2 * ((lv.exp() + mu - lv - 1).sum(1))
+    assert not torch.allclose(notes_written, vae.notes_loss(x, xm, mu, lv, sx), rtol=1e-3)
+    big_negative_U = torch.full_like(mu, -1e3)
+    assert (((x - xm) ** 2).flatten(1).sum(1) + sx ** 2 * (lv.exp() + big_negative_U - lv - 1).sum(1) < 0).all()
+
+
+def test_notes_error_generation_noise_is_sigma_not_sigma_squared():
+    # A draw from p_θ(x|v) = N(u_θ(v), σ^2 I) has std σ around the mean; the notes' σ^2 ε does not.
+    m = vae.VAE(latent_dim=2, hidden=8)
+    M, sx = 20_000, 0.3
+    a = vae.generate(m, M, generator=gen(6))
+    b = vae.generate(m, M, generator=gen(6), sigma_x=sx)
+    std = (b - a).std().item()
+    se = sx / math.sqrt(2 * (b.numel() - 1))
+    assert abs(std - sx) < 5 * se and abs(std - sx ** 2) > 100 * se
+
+
+class LinearGaussian(torch.nn.Module):
+    """p(v) = N(0, I), p(x|v) = N(W v + b, s^2 I) with W's columns orthogonal (probabilistic PCA): the exact
+    posterior is a diagonal Gaussian and log p(x) = log N(x; b, W W^T + s^2 I) is known in closed form.
+    The encoder is the exact posterior, optionally with its mean shifted and log-variance scaled."""
+
+    def __init__(self, n=6, d=3, s=0.5, shift=0.0, lv_scale=1.0):
+        super().__init__()
+        g = gen(9)
+        Q, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=D64))
+        self.W = Q * torch.tensor([2.0, 1.0, 0.5], dtype=D64)[:d]
+        self.b = torch.randn(n, generator=g, dtype=D64) * 0.1
+        self.s, self.shift, self.lv_scale, self.latent_dim = s, shift, lv_scale, d
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=D64))
+
+    def encode(self, x):
+        c = (self.W ** 2).sum(0) / self.s ** 2  # W^T W / s^2 is diagonal
+        var = 1 / (1 + c)
+        mu = var * ((x.flatten(1) - self.b) @ self.W) / self.s ** 2
+        return mu + self.shift, (var.log() * self.lv_scale).expand_as(mu)
+
+    def decode(self, v):
+        return v @ self.W.T + self.b
+
+    def forward(self, x, generator=None):
+        mu, lv = self.encode(x)
+        return self.decode(vae.reparameterize(mu, lv, generator=generator)), mu, lv
+
+    def log_px(self, x):
+        cov = self.W @ self.W.T + self.s ** 2 * torch.eye(len(self.b), dtype=D64)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x)
+
+
+def test_elbo_with_exact_posterior_is_log_px_and_other_encoders_give_less():
+    x = torch.randn(5, 6, generator=gen(10), dtype=D64)
+    exact = LinearGaussian()
+    log_px = exact.log_px(x)
+    # with q = the exact posterior, E_q[log p(x|v)] - KL(q || p) = log p(x): the ELBO is tight. (elbo() uses
+    # one v and the closed-form KL, so each call is unbiased but noisy: average M calls.)
+    M = 2000
+
+    def mean_and_se(model):
+        e = torch.stack([vae.elbo(model, x, "gaussian", model.s, generator=gen(12 + k)) for k in range(M)])
+        return e.mean(0), e.std(0) / math.sqrt(M)
+
+    m, se = mean_and_se(exact)
+    assert ((m - log_px).abs() < 5 * se).all()
+    # iwae with k = 1 is the other form of the ELBO, log p(x,v) - log q(v|x), zero-variance at the exact posterior
+    assert torch.allclose(vae.iwae_bound(exact, x, 1, "gaussian", exact.s, generator=gen(11)), log_px, atol=1e-8)
+    for other in (LinearGaussian(shift=0.5), LinearGaussian(lv_scale=0.5)):
+        m, se = mean_and_se(other)
+        assert (m + 5 * se < log_px).all()
+
+
+def test_iwae_bound_rises_towards_log_px_with_k():
+    x = torch.randn(4, 6, generator=gen(13), dtype=D64)
+    model = LinearGaussian(shift=0.4, lv_scale=0.6)
+    log_px = model.log_px(x)
+    R = 300
+    means, ses = [], []
+    for k in (1, 10, 100, 1000):
+        b = torch.stack([vae.iwae_bound(model, x, k, "gaussian", model.s, generator=gen(100 * k + r)) for r in range(R)])
+        means.append(b.mean(0))
+        ses.append(b.std(0) / math.sqrt(R))
+    for a, b, sa, sb in zip(means, means[1:], ses, ses[1:]):
+        assert (b - a > -5 * torch.sqrt(sa ** 2 + sb ** 2)).all()  # never falls, within noise
+    assert (means[0] < means[-1] - 5 * torch.sqrt(ses[0] ** 2 + ses[-1] ** 2)).all()  # and does rise
+    assert (means[-1] < log_px + 5 * ses[-1]).all()  # a lower bound
+    assert ((log_px - means[-1]) < 0.1 * (log_px - means[0])).all()  # closes most of the gap at k=1000

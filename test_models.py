@@ -18,6 +18,7 @@ import torch
 
 import common
 import ddpm
+import vae
 
 TINY_UNET = ["--ch", "8", "--ch-mult", "1,2", "--attn", "", "--res-blocks", "1"]
 
@@ -250,3 +251,52 @@ def test_download_failure_is_one_clear_message(fake_mnist, tmp_path, capsys):
     assert "404" in err and "checksum" in err and "by hand" in err and "train-images-idx3-ubyte.gz" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
     assert list((data_dir / "mnist").iterdir()) == []  # nothing half-written left behind
+
+
+# ---------------------------------------------------------------------------------------------------------- VAE
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_vae_shapes(arch, size, channels):
+    m = vae.VAE(channels, size, latent_dim=4, hidden=16, arch=arch)
+    x = torch.rand(2, channels, size, size)
+    out, mu, lv = m(x)
+    assert out.shape == x.shape and mu.shape == lv.shape == (2, 4)
+    assert vae.iwae_bound(m, x, 3).shape == (2,) and vae.generate(m, 3).shape == (3, channels, size, size)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_vae_steps_lower_the_loss(likelihood):
+    torch.manual_seed(0)
+    m = vae.VAE(latent_dim=4, hidden=32, likelihood=likelihood)
+    g = torch.Generator().manual_seed(0)
+    protos = (torch.rand(2, 1, 28, 28, generator=g) > 0.5).float()  # two binary images: learnable structure
+    x = vae.prepare(protos.repeat(8, 1, 1, 1), likelihood, g)
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    loss = lambda: -vae.elbo(m, x, likelihood, 0.1, torch.Generator().manual_seed(1)).mean()  # noqa: E731
+    first = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < first - 0.1 * abs(first)
+
+
+def test_vae_cli_trains_resumes_samples_reconstructs_evaluates(tmp_path, tiny_pt, capsys):
+    out = str(tmp_path / "run")
+    base = ["--data", tiny_pt, "--out", out, "--batch-size", "4", "--hidden", "16", "--latent-dim", "3", "--log-every", "1"]
+    assert vae.main(["--train", "--steps", "3", *base]) == 0
+    assert common.load_checkpoint(out + "/ckpt.pt", kind="vae")["step"] == 3
+    vae.main(["--train", "--resume", "--steps", "4", *base])
+    assert "resumed from" in capsys.readouterr().out and common.load_checkpoint(out + "/ckpt.pt")["step"] == 4
+    vae.main(["--sample", "6", "--reconstruct", "--eval", "--k", "5", "--eval-n", "4", "--data", tiny_pt, "--out", out])
+    printed = capsys.readouterr().out
+    assert "IWAE NLL (k=5)" in printed and "bits/dim" in printed and "4 test images" in printed
+    assert read_png(tmp_path / "run" / "samples.png")[2] == 1
+    W, H, _, _ = read_png(tmp_path / "run" / "reconstructions.png")
+    assert (W, H) == (8 * 30 + 2, 2 * 30 + 2)  # 8 originals above 8 reconstructions
+    err = usage_error(vae.main, ["--train", "--likelihood", "bernoulli", "--data", tiny_pt, "--out", out], capsys)
+    assert "--binarize" in err
+    err = usage_error(vae.main, ["--sample", "2", "--out", str(tmp_path / "nothing")], capsys)
+    assert "no checkpoint" in err

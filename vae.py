@@ -1,0 +1,365 @@
+"""VAE (Kingma & Welling 2014), annotated against the notes' VAE section; IWAE bound (Burda et al. 2016).
+
+    python vae.py --train                               # the notes' Gaussian decoder, MNIST, runs/vae
+    python vae.py --train --likelihood bernoulli --binarize --out runs/vae_bern   # the literature's setting
+    python vae.py --sample 64 | --reconstruct | --eval --k 1000
+
+Symbols follow the notes: the encoder gives U = u_φ(x) and σ_φ(x) of q_φ(v|x) = N(U, diag(σ_φ^2)), the latent
+is v, the prior p(v) = N(0, I), and the decoder u_θ(v) is the mean of p_θ(x|v). Data live in [0, 1].
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+LOG_2PI = math.log(2 * math.pi)
+
+# ----------------------------------------------------------------------------------------------------------
+# model: encoder q_φ(v|x) and decoder u_θ(v)
+
+
+class VAE(nn.Module):
+    """arch="mlp": x -> hidden -> (U, log σ^2) and v -> hidden -> u_θ(v), as in the VAE/IWAE papers' MNIST models.
+    arch="conv": two stride-2 convolutions each way, for 28 or 32 px images with any channel count."""
+
+    def __init__(self, in_ch=1, image_size=28, latent_dim=20, hidden=400, arch="mlp", likelihood="gaussian"):
+        super().__init__()
+        if likelihood not in ("gaussian", "bernoulli"):
+            raise ValueError(f"likelihood must be gaussian or bernoulli, got {likelihood!r}")
+        self.likelihood = likelihood
+        if arch not in ("mlp", "conv"):
+            raise ValueError(f"arch must be mlp or conv, got {arch!r}")
+        if arch == "conv" and image_size % 4:
+            raise ValueError(f"the conv VAE halves the image twice: {image_size}px is not divisible by 4")
+        self.in_ch, self.image_size, self.latent_dim, self.arch = in_ch, image_size, latent_dim, arch
+        D = in_ch * image_size * image_size
+        if arch == "mlp":
+            self.enc = nn.Sequential(nn.Flatten(), nn.Linear(D, hidden), nn.ReLU())
+            self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, D),
+                                     nn.Unflatten(1, (in_ch, image_size, image_size)))
+            feat = hidden
+        else:
+            s = image_size // 4
+            self.enc = nn.Sequential(nn.Conv2d(in_ch, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(64 * s * s, hidden), nn.ReLU())
+            self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 64 * s * s), nn.ReLU(),
+                                     nn.Unflatten(1, (64, s, s)), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+                                     nn.ConvTranspose2d(32, in_ch, 4, 2, 1))
+            feat = hidden
+        # the encoder outputs log σ^2 rather than σ: any real number is valid, σ^2 = exp(log σ^2) > 0 always
+        self.to_mu, self.to_log_var = nn.Linear(feat, latent_dim), nn.Linear(feat, latent_dim)
+
+    def encode(self, x):
+        h = self.enc(x)
+        return self.to_mu(h), self.to_log_var(h)
+
+    def decode(self, v):
+        """What log_px_given_v takes: the mean u_θ(v) in [0, 1] (gaussian) or the logits (bernoulli)."""
+        out = self.dec(v)
+        return torch.sigmoid(out) if self.likelihood == "gaussian" else out
+
+    def decoder_mean(self, v):
+        """u_θ(v), the mean of p_θ(x|v), for pictures."""
+        out = self.decode(v)
+        return out if self.likelihood == "gaussian" else torch.sigmoid(out)
+
+    def forward(self, x, generator=None):
+        """Encode, draw one v ~ q_φ(v|x) by reparameterisation, decode: (decoder output, U, log σ^2)."""
+        mu, log_var = self.encode(x)
+        return self.decode(reparameterize(mu, log_var, generator=generator)), mu, log_var
+
+
+def reparameterize(mu, log_var, eps=None, generator=None):
+    """v = U + σ ⊙ ε, ε ~ N(0, I), with σ = exp(log σ^2 / 2).
+
+    NOTES ERROR (VAE, 重参数化): the notes write v = U + σ^2 ⊗ ε. The standard deviation of q_φ(v|x) is σ, not σ^2:
+    with σ^2 in front, v would have variance σ^4 and the samples would not come from N(U, diag(σ^2)) whose KL
+    the loss computes.
+    """
+    if eps is None:
+        eps = torch.randn(mu.shape, device=mu.device, generator=generator)
+    return mu + torch.exp(0.5 * log_var) * eps
+
+
+def kl_to_standard_normal(mu, log_var):
+    """D_KL[q_φ(v|x) || N(0, I)] per example, summed over the d latent dimensions.
+
+    VAE: D_KL = 1/2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
+    NOTES ERROR (VAE, intro): the notes' first paragraph calls the loss KL(N || N_g), prior first; the KL the
+    derivation (and this function) computes is KL(q_φ(v|x) || p(v)) = KL(N_g || N). The two differ for σ ≠ 1.
+    """
+    return 0.5 * (log_var.exp() + mu ** 2 - log_var - 1).sum(dim=1)
+
+
+def log_px_given_v(out, x, likelihood, sigma_x=None):
+    """log p_θ(x|v) per example (nats), from the decoder's output: the mean u_θ(v) (gaussian) or logits (bernoulli).
+
+    gaussian (the notes): p_θ(x|v) = N(x; u_θ(v), σ^2 I), log p = -n log(sqrt(2π) σ) - ||x - u_θ(v)||^2 / (2σ^2).
+    NOTES ERROR (VAE): the notes' density has the normaliser 1/(2 π^{n/2} σ^n); a Gaussian's is 1/((2π)^{n/2} σ^n).
+    Their log-density line, -n log(sqrt(2π) σ), is the right one and is what this computes.
+    bernoulli: log p = Σ x log u + (1-x) log(1-u) with u = sigmoid(logits), for binary x.
+    """
+    if likelihood == "gaussian":
+        n = x[0].numel()
+        return -n * (0.5 * LOG_2PI + math.log(sigma_x)) - ((x - out) ** 2).flatten(1).sum(1) / (2 * sigma_x ** 2)
+    return -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+
+
+def elbo(model, x, likelihood="gaussian", sigma_x=0.1, generator=None):
+    """The ELBO per example in nats, with one sample of v (the notes: 抽样一次就够了).
+
+    VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)]
+    """
+    out, mu, log_var = model(x, generator=generator)
+    return log_px_given_v(out, x, likelihood, sigma_x) - kl_to_standard_normal(mu, log_var)
+
+
+def notes_loss(x, x_mean, mu, log_var, sigma_x):
+    """The notes' final Gaussian loss, per example, which is -2σ^2 (L + n log(sqrt(2π) σ)):
+
+    VAE: min ||x - u_θ(v)||^2 + σ^2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
+    NOTES ERROR (VAE, final loss): the notes write u_φ(x)_i, not u_φ(x)_i^2, inside the sum (the KL line above it
+    has the square). Without it the loss is linear in the mean and is minimised by pushing U to -infinity.
+    (Dropping the constant -1, as the notes do, does not change the minimiser.)
+    """
+    return ((x - x_mean) ** 2).flatten(1).sum(1) + sigma_x ** 2 * (log_var.exp() + mu ** 2 - log_var - 1).sum(1)
+
+
+@torch.no_grad()
+def iwae_bound(model, x, k, likelihood="gaussian", sigma_x=0.1, generator=None, chunk=50_000):
+    """log (1/k) Σ_j p_θ(x, v_j) / q_φ(v_j|x), v_j ~ q_φ(v|x), per example in nats (IWAE; k = 1 is the ELBO).
+
+    The bound rises towards log p_θ(x) as k grows; logsumexp keeps the sum of k tiny ratios finite.
+    """
+    out = []
+    per = max(1, chunk // k)
+    for xb in x.split(per):
+        B = xb.shape[0]
+        mu, log_var = model.encode(xb)
+        eps = torch.randn((k, *mu.shape), device=mu.device, generator=generator)
+        v = mu + torch.exp(0.5 * log_var) * eps  # (k, B, d)
+        xr = xb.expand(k, *xb.shape).reshape(k * B, *xb.shape[1:])
+        log_px = log_px_given_v(model.decode(v.reshape(k * B, -1)), xr, likelihood, sigma_x).reshape(k, B)
+        log_pv = (-0.5 * (v ** 2 + LOG_2PI)).sum(-1)
+        log_qv = (-0.5 * (eps ** 2 + LOG_2PI) - 0.5 * log_var).sum(-1)
+        out.append(torch.logsumexp(log_px + log_pv - log_qv, dim=0) - math.log(k))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def generate(model, n, generator=None, sigma_x=None):
+    """Generation: v ~ N(0, I), x = u_θ(v) (the decoder mean, what is shown).
+
+    With sigma_x given (Gaussian decoder), a draw from p_θ(x|v) instead: x = u_θ(v) + σ ε.
+    NOTES ERROR (VAE, generation): the notes write x = u_θ(v) + σ^2 ε; p_θ(x|v) = N(u_θ(v), σ^2 I) has standard
+    deviation σ. The notes then drop the noise, as this function does by default.
+    """
+    device = next(model.parameters()).device
+    v = torch.randn((n, model.latent_dim), device=device, generator=generator)
+    mean = model.decoder_mean(v)
+    if sigma_x is None:
+        return mean
+    return mean + sigma_x * torch.randn(mean.shape, device=device, generator=generator)
+
+
+def prepare(x01, likelihood, generator):
+    """Training/eval targets from images in [0, 1].
+
+    bernoulli: dynamic binarisation, each pixel drawn from Bernoulli(grey level) every time an image is used.
+    gaussian: uniform dequantisation of the 8-bit levels, y = (255 x + u) / 256, u ~ U[0, 1), so that the density
+    has a discrete likelihood behind it: log P(x) >= E_u log p(y) - D log 256 (bits/dim as in flow papers).
+    """
+    u = torch.rand(x01.shape, device=x01.device, generator=generator)
+    if likelihood == "bernoulli":
+        return (u < x01).float()
+    return (torch.round(x01 * 255) + u) / 256
+
+
+def bits_per_dim(nats, D, likelihood):
+    """nats per image -> bits per dimension; the Gaussian density on [0,1]^D gets the log 256 per dimension of
+    the dequantisation (its value is then -log2 of a probability of 8-bit data, never negative)."""
+    extra = D * math.log(256) if likelihood == "gaussian" else 0.0
+    return (nats + extra) / (D * math.log(2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+RECIPE = dict(steps=10_000, batch_size=128, lr=1e-3, warmup=0)  # CPU and GPU alike: the MLP is tiny
+MODEL_KEYS = ("kind", "in_ch", "image_size", "latent_dim", "hidden", "arch", "likelihood", "sigma_x")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="VAE, annotated against the notes (python vae.py --train)")
+    common.add_common_args(p, ema=False, clip=1000.0)  # the loss is in nats per image: only a guard
+    g = p.add_argument_group("VAE")
+    g.add_argument("--reconstruct", action="store_true", help="grid of test images (odd rows) above their reconstructions")
+    g.add_argument("--eval", action="store_true", help="test-set negative ELBO and IWAE-k NLL, nats/image and bits/dim")
+    g.add_argument("--k", type=common.positive_int, default=100, help="importance samples for --eval (default 100)")
+    g.add_argument("--eval-n", type=common.positive_int, help="test images for --eval (default all)")
+    g.add_argument("--latent-dim", type=common.positive_int, default=20, help="d, the latent size (default 20)")
+    g.add_argument("--hidden", type=common.positive_int, default=400, help="hidden units (default 400)")
+    g.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="encoder/decoder (default mlp)")
+    g.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="gaussian",
+                   help="p_θ(x|v): gaussian with fixed σ (the notes) or bernoulli (needs --binarize)")
+    g.add_argument("--sigma-x", type=common.positive_float, default=0.1, help="σ of the Gaussian decoder (default 0.1)")
+    g.add_argument("--binarize", action="store_true", help="dynamic binarisation of the data (for --likelihood bernoulli)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not (args.train or args.sample or args.reconstruct or args.eval):
+        p.error("nothing to do: give --train, --sample N, --reconstruct or --eval")
+    if args.likelihood == "bernoulli" and not args.binarize:
+        p.error("--likelihood bernoulli needs binary targets: add --binarize (dynamic binarisation)")
+    if args.binarize and args.likelihood != "bernoulli":
+        p.error("--binarize goes with --likelihood bernoulli")
+    args.out = args.out or os.path.join("runs", "vae")
+    try:
+        rank, world, device = common.setup_distributed(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    try:
+        if args.train:
+            train(args, rank, world, device)
+        if rank == 0 and (args.sample or args.reconstruct or args.eval):
+            ck = common.load_checkpoint(os.path.join(args.out, "ckpt.pt"), kind="vae")
+            a = ck["args"]
+            model = VAE(a["in_ch"], a["image_size"], a["latent_dim"], a["hidden"], a["arch"], a["likelihood"])
+            model.load_state_dict(ck["model"])
+            model = model.to(device).eval()
+            g = torch.Generator(device=device).manual_seed(args.seed)
+            if args.sample:
+                png, _ = common.save_samples(args.out, "samples", generate(model, args.sample, g))
+                print(f"wrote {png}")
+            if args.reconstruct or args.eval:
+                x = test_images(args, model, device)
+            if args.reconstruct:
+                reconstruct(args, model, x[:32], g)
+            if args.eval:
+                evaluate(args, a, model, x, g, ck["step"])
+    except (common.DataError, common.CheckpointError, ValueError, OSError) as e:
+        p.error(str(e))
+    return 0
+
+
+def test_images(args, model, device):
+    x = common.load_images(args.data, args.data_dir, "test")
+    if x.shape[1:] != (model.in_ch, model.image_size, model.image_size):
+        raise common.DataError(f"{args.data}: images {tuple(x.shape[1:])}, the model takes "
+                               f"{(model.in_ch, model.image_size, model.image_size)}")
+    return common.to_range(x, 0).to(device)
+
+
+@torch.no_grad()
+def reconstruct(args, model, x, g):
+    mu, _ = model.encode(x)
+    rec = model.decoder_mean(mu)
+    n = min(8, len(x))
+    rows = [t for k in range(0, len(x) - len(x) % n, n) for t in (x[k:k + n], rec[k:k + n])]
+    png, _ = common.save_samples(args.out, "reconstructions", torch.cat(rows), nrow=n)
+    print(f"wrote {png} (odd rows: test images; even rows: decoder mean of the encoder mean)")
+
+
+@torch.no_grad()
+def evaluate(args, a, model, x, g, step):
+    x = x[:args.eval_n] if args.eval_n else x
+    t0 = time.time()
+    y = prepare(x, a["likelihood"], g)  # one fixed binarisation / dequantisation of the test set
+    neg_elbo = torch.cat([-elbo(model, yb, a["likelihood"], a["sigma_x"], g) for yb in y.split(1000)])
+    nll = -iwae_bound(model, y, args.k, a["likelihood"], a["sigma_x"], g)
+    D = x[0].numel()
+    for name, v in (("negative ELBO", neg_elbo), (f"IWAE NLL (k={args.k})", nll)):
+        se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+        print(f"{name}: {v.mean():.2f} ± {se:.2f} nats/image, {bits_per_dim(v.mean().item(), D, a['likelihood']):.4f} bits/dim")
+    print(f"({len(x)} test images of {args.data}, {a['likelihood']} decoder"
+          f"{', dynamically binarised' if a['likelihood'] == 'bernoulli' else ', dequantised 8-bit'}, "
+          f"step {step}, {time.time() - t0:.1f}s)")
+
+
+def train(args, rank, world, device):
+    data = common.load_images(args.data, args.data_dir, "train")
+    N, C, H, W = data.shape
+    if H != W:
+        raise common.DataError(f"{args.data}: images are {H}x{W}; use square images")
+    recipe = common.fill_recipe(args, device, RECIPE, RECIPE)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} does not split evenly over {world} ranks")
+    model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
+    ck_args = dict(kind="vae", in_ch=C, image_size=H, latent_dim=args.latent_dim, hidden=args.hidden, arch=args.arch,
+                   likelihood=args.likelihood, sigma_x=args.sigma_x, seed=args.seed, data=args.data,
+                   steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if rank == 0:
+        common.check_writable(args.out)
+        print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder; {N} images {C}x{H}x{W}; "
+              f"device {device}", flush=True)
+    data = data.to(device)
+    opt, sched = common.make_optimizer(model, args.lr, args.warmup)
+    step = 0
+    if args.resume:
+        ck = common.load_checkpoint(ckpt_path, kind="vae")
+        common.check_same(ck["args"], ck_args, MODEL_KEYS, ckpt_path)
+        step = common.restore_training(ck, model, opt, sched)
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.compile:
+        net = torch.compile(net)
+    bad = common.NonFiniteWatch(device)
+
+    def save(step):
+        if rank == 0 and not bad.found():
+            common.save_checkpoint(ckpt_path, common.training_state("vae", ck_args, step, model, opt, sched))
+            common.pause_if_asked(step)
+
+    # ---- training: maximise the ELBO, i.e. minimise -L averaged over the batch (nats per image)
+    bar = common.Progress(args.steps, start=step)
+    lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
+    with common.StopOnInterrupt() as stop:
+        while step < args.steps and not stop.requested:
+            g = common.step_generator(args.seed, step, device)
+            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)[lo:hi]
+            x = prepare(common.to_range(data[idx], 0), args.likelihood, g)
+            with common.autocast(device):
+                loss = -elbo(net, x, args.likelihood, args.sigma_x, g).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            bad.update(step, loss, gnorm)
+            if step % args.log_every == 0 or step == args.steps:
+                if bad.found():
+                    break
+                if rank == 0:
+                    print(bar.line(step, loss=loss.item()), flush=True)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                save(step)
+    if stop.requested:
+        save(step)
+        if rank == 0 and not bad.found():
+            print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. "
+                  f"Resume with: python vae.py --train --resume --out {args.out}", file=sys.stderr)
+        raise SystemExit(130)
+    if bad.found():
+        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
+                         f"The last good checkpoint is {ckpt_path}.")
+    if rank == 0:
+        model.eval()
+        png, _ = common.save_samples(args.out, "samples", generate(model, 64, torch.Generator(device).manual_seed(args.seed)))
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
