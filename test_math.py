@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import ddpm
+import ncsn
 import vae
 
 FEW = settings(max_examples=6, derandomize=True, deadline=None)
@@ -477,3 +478,200 @@ def test_iwae_bound_rises_towards_log_px_with_k():
     assert (means[0] < means[-1] - 5 * torch.sqrt(ses[0] ** 2 + ses[-1] ** 2)).all()  # and does rise
     assert (means[-1] < log_px + 5 * ses[-1]).all()  # a lower bound
     assert ((log_px - means[-1]) < 0.1 * (log_px - means[0])).all()  # closes most of the gap at k=1000
+
+
+# ==========================================================================================================
+# NCSN: Gradient model / 条件实例归一化
+
+
+@FEW
+@given(sigma=st.floats(0.01, 2.0), seed=st.integers(0, 1000))
+def test_dsm_target_is_the_gradient_of_the_perturbation_kernel(sigma, seed):
+    g = gen(seed)
+    x = torch.rand(2, 5, generator=g, dtype=D64)
+    eps = torch.randn(2, 5, generator=g, dtype=D64)
+    xt = x + sigma * eps
+    log_kernel = lambda y: torch.distributions.Normal(x, sigma).log_prob(y).sum(-1)  # noqa: E731
+    target = ncsn.dsm_target(xt, x, sigma)
+    assert torch.allclose(target, ncsn.score(log_kernel, xt), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(target, -eps / sigma, rtol=1e-9, atol=1e-9)
+
+
+@FEW
+@given(seed=st.integers(0, 1000))
+def test_score_of_unnormalised_density_equals_score_of_normalised(seed):
+    # Gradient model: log p = -f - log Z; Z does not depend on x, so the scores agree
+    w, m, s = torch.tensor([0.3, 0.7], dtype=D64), torch.tensor([-1.0, 2.0], dtype=D64), torch.tensor([0.5, 1.0], dtype=D64)
+    mix = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(w), torch.distributions.Normal(m, s))
+    f = lambda x: -torch.logsumexp(torch.log(w) - (x[:, None] - m) ** 2 / (2 * s ** 2) - torch.log(s), -1)  # noqa: E731
+    x = torch.randn(7, generator=gen(seed), dtype=D64) * 2
+    assert torch.allclose(ncsn.score(lambda y: -f(y) + 123.0, x), ncsn.score(mix.log_prob, x), atol=1e-10)
+
+
+def test_geometric_sigmas_have_equal_ratios():
+    sig = ncsn.geometric_sigmas(1.0, 0.01, 10)
+    assert len(sig) == 11 and sig[0] == 0 and math.isclose(sig[1].item(), 1.0) and math.isclose(sig[10].item(), 0.01)
+    ratios = sig[1:-1] / sig[2:]
+    assert torch.allclose(ratios, torch.full_like(ratios, 100 ** (1 / 9)), rtol=1e-12)
+
+
+def test_notes_error_sigma_ratios_are_equal_not_decreasing():
+    # The notes write σ_1/σ_2 > σ_2/σ_3 > ... > 1. A geometric sequence has equal ratios; the notes' strict
+    # inequality fails for it (and a sequence that satisfied it would not be geometric).
+    ratios = (lambda s: s[1:-1] / s[2:])(ncsn.geometric_sigmas(50.0, 0.01, 232))
+    notes_condition = bool(torch.all(ratios[:-1] > ratios[1:]))
+    assert not notes_condition
+    assert torch.allclose(ratios[:-1], ratios[1:], rtol=1e-10)
+
+
+class PointMassScore(torch.nn.Module):
+    """The exact score of the point mass at c perturbed by N(0, σ_i^2 I): -(x̃ - c)/σ_i^2."""
+
+    def __init__(self, c, sigmas):
+        super().__init__()
+        self.c, self.sigmas = c, sigmas
+
+    def forward(self, x, i):
+        return -(x - self.c) / self.sigmas[i].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) ** 2
+
+
+def test_dsm_loss_is_zero_for_the_exact_score_and_positive_otherwise():
+    sig = ncsn.geometric_sigmas()
+    c = torch.rand(1, 1, 4, 4, generator=gen(20), dtype=D64)
+    x = c.expand(32, -1, -1, -1)
+    exact = PointMassScore(c, sig)
+    assert ncsn.dsm_loss(exact, x, sig, generator=gen(21)).item() < 1e-12
+    off = lambda y, i: exact(y, i) + 0.1  # noqa: E731
+    assert ncsn.dsm_loss(off, x, sig, generator=gen(21)).item() > 0.01
+
+
+def test_notes_error_dsm_evaluates_the_network_at_the_perturbed_input():
+    # The notes' loss uses s_θ(x, i) at the clean x. With the exact score of a point mass, DSM at x̃ is 0;
+    # at the clean x the same exact score gives E||ε||^2 = D per example, so the notes' loss would reject it.
+    sig = ncsn.geometric_sigmas()
+    c = torch.rand(1, 1, 4, 4, generator=gen(22), dtype=D64)
+    x = c.expand(4000, -1, -1, -1)
+    exact = PointMassScore(c, sig)
+    i = torch.randint(1, 11, (4000,), generator=gen(23))
+    eps = torch.randn(x.shape, generator=gen(24), dtype=D64)
+    assert ncsn.dsm_loss(exact, x, sig, i=i, eps=eps).item() < 1e-12
+    sigma = sig[i].reshape(-1, 1, 1, 1)
+    notes = ((sigma * exact(x, i) + eps) ** 2).flatten(1).sum(1)  # s_θ evaluated at x, not x̃
+    assert_close_se(notes.mean(), 16.0, notes.std() / math.sqrt(4000), what="notes' loss for the exact score")
+
+
+def test_langevin_on_a_gaussian_follows_the_discretised_chain_exactly():
+    # target N(m, s^2): x' = x + ε(-(x - m)/s^2) + sqrt(2ε) z is linear, so with a = 1 - ε/s^2
+    #   mean' = a mean + ε m / s^2,  var' = a^2 var + 2ε   (the finite-step chain's own moments, bias included)
+    m, s2, eps, M = 1.5, 0.25, 0.05, 200_000
+    x = torch.zeros(M, dtype=D64)
+    mean, var = 0.0, 0.0
+    g = gen(30)
+    a = 1 - eps / s2
+    for t in range(12):
+        x = ncsn.langevin(lambda y: -(y - m) / s2, x, eps, 1, generator=g)
+        mean, var = a * mean + eps * m / s2, a * a * var + 2 * eps
+        assert_close_se(x.mean(), mean, math.sqrt(var / M), what=f"mean at step {t + 1}")
+        assert_close_se(x.var(), var, var * math.sqrt(2 / (M - 1)), what=f"variance at step {t + 1}")
+    # the finite-step bias that more samples do not remove: stationary variance s^2 / (1 - ε/(2 s^2)), not s^2
+    assert abs(s2 / (1 - eps / (2 * s2)) - s2) > 0.02
+
+
+def test_annealed_langevin_on_a_gaussian_follows_the_discretised_chain_at_every_level():
+    # data N(m, s^2) perturbed at σ_i is N(m, s^2 + σ_i^2); Algorithm 1's update is linear in x at each level
+    m, s2, M = 0.5, 0.04, 100_000
+    sig = ncsn.geometric_sigmas(1.0, 0.05, 5)
+    score = lambda y, i: -(y - m) / (s2 + sig[i].reshape(-1) ** 2)  # noqa: E731
+    eps, T = 1e-3, 20
+    x0 = torch.rand(M, generator=gen(31), dtype=D64)
+    trace = []
+    x = ncsn.annealed_langevin(score, x0, sig, eps=eps, T=T, generator=gen(32), trace=trace)
+    mean, var = 0.5, 1 / 12  # U[0, 1]
+    for i in range(1, 6):
+        alpha = eps * sig[i].item() ** 2 / sig[5].item() ** 2
+        a = 1 - alpha / 2 / (s2 + sig[i].item() ** 2)
+        for _ in range(T):
+            mean, var = a * mean + alpha / 2 * m / (s2 + sig[i].item() ** 2), a * a * var + alpha
+        xi = trace[i - 1]
+        assert_close_se(xi.mean(), mean, math.sqrt(var / M), what=f"mean after level {i}")
+        assert_close_se(xi.var(), var, var * math.sqrt(2 / (M - 1)), what=f"variance after level {i}")
+    assert torch.equal(x, trace[-1])
+
+
+def test_annealed_langevin_recovers_a_gaussian_mixture():
+    # 0.2 N(-1.5, 0.1^2) + 0.8 N(1.5, 0.1^2); the scores of its σ_i-perturbed versions are known exactly.
+    # σ_1 = 3 is wider than the gap between the modes, σ_L = 0.1.
+    w, mu, s = torch.tensor([0.2, 0.8], dtype=D64), torch.tensor([-1.5, 1.5], dtype=D64), 0.1
+    sig = ncsn.geometric_sigmas(3.0, 0.1, 10)
+
+    def mixture_score(y, i):
+        var = s ** 2 + sig[i].reshape(-1, 1) ** 2
+        logits = torch.log(w) - (y[:, None] - mu) ** 2 / (2 * var) - 0.5 * torch.log(var)
+        r = torch.softmax(logits, -1)
+        return (r * (-(y[:, None] - mu) / var)).sum(-1)
+
+    M, eps = 10_000, 1e-3
+    x = ncsn.annealed_langevin(mixture_score, torch.rand(M, generator=gen(34), dtype=D64) * 4 - 2, sig,
+                               eps=eps, T=100, generator=gen(35))
+    right = x > 0
+    p = right.double().mean().item()
+    target_var = s ** 2 + sig[10].item() ** 2  # each mode of the σ_L-perturbed mixture
+    # What more samples do not remove:
+    # (1) mode weights: once σ_i falls below the gap, mass stops crossing between modes, so the split is set
+    #     at intermediate levels. Measured (M = 10^4, seed 34/35): weight 0.775 with these settings and 0.783
+    #     with a 10x smaller ε and 10x more steps per level, i.e. a bias of about -0.02 that a smaller step does
+    #     not remove. Allowance 0.03 on top of 5 standard errors.
+    # (2) variances: at the last level the discretised chain's stationary variance is var / (1 - α_L/(4 var))
+    #     for a Gaussian mode (α_L = ε), about 1.3% above var: test against that closed form.
+    assert abs(p - 0.8) < 5 * math.sqrt(0.16 / M) + 0.03
+    chain_var = target_var / (1 - eps / (4 * target_var))
+    for side, m_k in ((right, 1.5), (~right, -1.5)):
+        xs, n_k = x[side], side.sum().item()
+        assert_close_se(xs.mean(), m_k, math.sqrt(chain_var / n_k), what="mode mean")
+        assert_close_se(xs.var(), chain_var, chain_var * math.sqrt(2 / (n_k - 1)), what="mode variance")
+
+
+def test_cond_instance_norm_plus_has_the_mean_and_spread_of_its_formula():
+    torch.manual_seed(0)
+    norm = ncsn.CondInstanceNorm2dPlus(6, num_levels=3)
+    with torch.no_grad():
+        norm.gamma.normal_(1, 0.5)
+        norm.beta.normal_(0, 1)
+        norm.alpha.normal_(0, 1)
+    x = torch.randn(4, 6, 9, 9) * 3 + torch.randn(4, 6, 1, 1) * 2
+    i = torch.tensor([1, 2, 3, 1])
+    y = norm(x, i)
+    u = x.mean((2, 3))
+    m, v = u.mean(1, keepdim=True), u.std(1, unbiased=False, keepdim=True)
+    g, b, a = norm.gamma[i - 1], norm.beta[i - 1], norm.alpha[i - 1]
+    assert torch.allclose(y.mean((2, 3)), b + a * (u - m) / v, atol=1e-4)
+    assert torch.allclose(y.std((2, 3), unbiased=False), g.abs(), atol=1e-4)
+    # α = 0 and one (γ, β) for every level: plain instance norm with an affine map
+    with torch.no_grad():
+        norm.alpha.zero_()
+        norm.gamma.copy_(norm.gamma[:1].expand(3, -1))
+        norm.beta.copy_(norm.beta[:1].expand(3, -1))
+    ref = torch.nn.functional.instance_norm(x, eps=1e-5) * norm.gamma[0][:, None, None] + norm.beta[0][:, None, None]
+    assert torch.allclose(norm(x, i), ref, atol=1e-4)
+
+
+def test_ddpm_and_score_views_agree_on_a_gaussian_mixture():
+    # data: 1-D mixture of N(μ_k, s_k^2). q_t = law of x_t = sqrt(ᾱ) x_0 + sqrt(1-ᾱ) ε is a mixture too.
+    w, mu, s = torch.tensor([0.3, 0.7], dtype=D64), torch.tensor([-1.0, 0.8], dtype=D64), torch.tensor([0.2, 0.5], dtype=D64)
+
+    def log_q(ab):
+        return lambda x: torch.logsumexp(torch.log(w) + torch.distributions.Normal(ab.sqrt() * mu, (ab * s ** 2 + 1 - ab).sqrt()).log_prob(x[:, None]), -1)
+
+    x = torch.linspace(-3, 3, 41, dtype=D64)
+    for t in (1, 10, 200, 900):
+        ab = S.alpha_bar[t]
+        # optimal ε-prediction E[ε | x_t] from the conditional Gaussians: (x_t, ε) are jointly Gaussian given k
+        var_k = ab * s ** 2 + 1 - ab
+        resp = torch.softmax(torch.log(w) + torch.distributions.Normal(ab.sqrt() * mu, var_k.sqrt()).log_prob(x[:, None]), -1)
+        e_eps = (resp * (1 - ab).sqrt() * (x[:, None] - ab.sqrt() * mu) / var_k).sum(-1)
+        score_t = ncsn.score(log_q(ab), x)
+        assert torch.allclose(e_eps, -(1 - ab).sqrt() * score_t, atol=1e-9)
+        # score view: y = x_t / sqrt(ᾱ) = x_0 + σ ε with σ = sqrt(1-ᾱ)/sqrt(ᾱ); ∇_y log p_σ(y) = sqrt(ᾱ) ∇ log q_t(x_t)
+        sigma = ((1 - ab) / ab).sqrt()
+        log_p_sigma = lambda y: torch.logsumexp(torch.log(w) + torch.distributions.Normal(mu, (s ** 2 + sigma ** 2).sqrt()).log_prob(y[:, None]), -1)  # noqa: E731
+        assert torch.allclose(ncsn.score(log_p_sigma, x / ab.sqrt()), ab.sqrt() * score_t, atol=1e-8)

@@ -18,6 +18,7 @@ import torch
 
 import common
 import ddpm
+import ncsn
 import vae
 
 TINY_UNET = ["--ch", "8", "--ch-mult", "1,2", "--attn", "", "--res-blocks", "1"]
@@ -300,3 +301,50 @@ def test_vae_cli_trains_resumes_samples_reconstructs_evaluates(tmp_path, tiny_pt
     assert "--binarize" in err
     err = usage_error(vae.main, ["--sample", "2", "--out", str(tmp_path / "nothing")], capsys)
     assert "no checkpoint" in err
+
+
+# ---------------------------------------------------------------------------------------------------------- NCSN
+
+
+@pytest.mark.parametrize("size,channels,ch_mult", [(28, 1, (1, 2, 2)), (32, 3, (1, 2, 2, 2))])
+def test_score_net_shapes(size, channels, ch_mult):
+    sig = ncsn.geometric_sigmas()
+    m = ncsn.ScoreNet(sig, in_ch=channels, ch=8, ch_mult=ch_mult, num_res_blocks=1, attn=(1,), dropout=0.0, image_size=size)
+    x = torch.rand(3, channels, size, size)
+    assert m(x, torch.tensor([1, 5, 10])).shape == x.shape
+    norms = [mod for mod in m.modules() if isinstance(mod, ncsn.CondInstanceNorm2dPlus)]
+    assert norms and not any(isinstance(mod, torch.nn.GroupNorm) for mod in m.modules())
+    assert m.unet.time_mlp is None
+
+
+def test_score_net_steps_lower_the_loss():
+    torch.manual_seed(0)
+    sig = ncsn.geometric_sigmas()
+    m = ncsn.ScoreNet(sig, in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), dropout=0.0, image_size=28)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 28, 28, generator=g)
+    i, eps = torch.randint(1, 11, (8,), generator=g), torch.randn(8, 1, 28, 28, generator=g)
+    opt = torch.optim.Adam(m.parameters(), 2e-3)
+    first = ncsn.dsm_loss(m, x, sig, i=i, eps=eps).item()
+    for _ in range(30):
+        loss = ncsn.dsm_loss(m, x, sig, i=i, eps=eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ncsn.dsm_loss(m, x, sig, i=i, eps=eps).item() < 0.8 * first
+
+
+def test_ncsn_cli_trains_resumes_and_samples(tmp_path, tiny_pt, capsys):
+    out = str(tmp_path / "run")
+    base = ["--data", tiny_pt, "--out", out, "--batch-size", "4", "--log-every", "1", "--levels", "3",
+            "--langevin-steps", "2", "--final-samples", "0", *TINY_UNET]
+    assert ncsn.main(["--train", "--steps", "2", *base]) == 0
+    ncsn.main(["--train", "--resume", "--steps", "3", *base])
+    assert "resumed from" in capsys.readouterr().out and common.load_checkpoint(out + "/ckpt.pt", "ncsn")["step"] == 3
+    ncsn.main(["--sample", "4", "--strip", "--denoise", "--langevin-steps", "2", "--out", out])
+    x = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
+    assert x.shape == (4, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    W, H, _, _ = read_png(tmp_path / "run" / "chain.png")
+    assert (W, H) == (4 * 30 + 2, 4 * 30 + 2)  # 4 rows: start + 3 levels
+    err = usage_error(ncsn.main, ["--train", "--sigma-1", "0.01", "--sigma-L", "0.1", "--out", out], capsys)
+    assert "must exceed" in err
