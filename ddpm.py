@@ -394,6 +394,7 @@ def train(args, rank, world, device):
     N, C, H, W = data.shape
     if H != W:
         raise common.DataError(f"{args.data}: images are {H}x{W}; the U-Net takes square images")
+    torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
     recipe = common.fill_recipe(args, device, GPU_RECIPE, CPU_RECIPE)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split evenly over {world} ranks")

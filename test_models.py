@@ -4,6 +4,9 @@ CLI tests call each script's main(argv) in-process with a tiny T and tiny models
 separate process (SIGKILL, torchrun) start one.
 """
 import contextlib
+import signal
+import subprocess
+import sys
 import functools
 import gzip
 import hashlib
@@ -348,3 +351,182 @@ def test_ncsn_cli_trains_resumes_and_samples(tmp_path, tiny_pt, capsys):
     assert (W, H) == (4 * 30 + 2, 4 * 30 + 2)  # 4 rows: start + 3 levels
     err = usage_error(ncsn.main, ["--train", "--sigma-1", "0.01", "--sigma-L", "0.1", "--out", out], capsys)
     assert "must exceed" in err
+
+
+# ---------------------------------------------------------------------------------------------------------- faults
+# Each script, the same guarantees: kill -9 and resume == never interrupted; Ctrl-C saves; NaN stops without
+# saving NaN; mismatched or corrupt checkpoints and bad flags give clear errors (exit 2).
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = {
+    "ddpm": (ddpm, ["--T", "10", "--dropout", "0.1", "--final-samples", "0", *TINY_UNET], "loss_simple"),
+    "vae": (vae, ["--hidden", "16", "--latent-dim", "3"], "elbo"),
+    "ncsn": (ncsn, ["--levels", "3", "--langevin-steps", "2", "--dropout", "0.1", "--final-samples", "0", *TINY_UNET], "dsm_loss"),
+}
+
+
+def train_argv(name, out, data, steps, *extra):
+    return ["--train", "--data", data, "--out", str(out), "--steps", str(steps), "--batch-size", "4",
+            "--log-every", "1", "--ckpt-every", "3", "--seed", "5", *SCRIPTS[name][1], *extra]
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema", "opt"):
+        if key not in a:
+            continue
+        fa, fb = flatten(a[key]), flatten(b[key])
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            assert torch.equal(fa[k], fb[k]), f"{key}/{k} differs"
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        if isinstance(v, (dict, list)):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        elif torch.is_tensor(v):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = torch.tensor(float(v)) if isinstance(v, (int, float)) else v
+    return {k: (v if torch.is_tensor(v) else torch.tensor(0.0)) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(name, tmp_path, tiny_pt):
+    module = SCRIPTS[name][0]
+    ref = tmp_path / "ref"
+    module.main(train_argv(name, ref, tiny_pt, 6))
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PAUSE_AFTER_CHECKPOINT="3")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, name + ".py"), *train_argv(name, killed, tiny_pt, 6)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("paused after checkpoint 3"):
+                break
+        else:
+            pytest.fail("the training process ended without pausing")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert common.load_checkpoint(str(killed / "ckpt.pt"))["step"] == 3
+    module.main(train_argv(name, killed, tiny_pt, 6, "--resume"))
+    a, b = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (ref, killed))
+    assert a["step"] == b["step"] == 6
+    assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_ctrl_c_saves_and_says_how_to_resume(name, tmp_path, tiny_pt, monkeypatch, capsys):
+    module = SCRIPTS[name][0]
+    line = common.Progress.line
+
+    def interrupt_at_step_2(self, step, **kw):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2's report
+        return line(self, step, **kw)
+
+    monkeypatch.setattr(common.Progress, "line", interrupt_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        module.main(train_argv(name, tmp_path / "run", tiny_pt, 50))
+    assert e.value.code == 130
+    assert "--resume" in capsys.readouterr().err
+    assert common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_nan_stops_training_and_never_reaches_a_checkpoint(name, tmp_path, tiny_pt, monkeypatch):
+    module, _, loss_name = SCRIPTS[name]
+    real, calls = getattr(module, loss_name), []
+
+    def nan_from_step_5(*a, **kw):
+        calls.append(1)
+        out = real(*a, **kw)
+        return out * float("nan") if len(calls) >= 5 else out
+
+    monkeypatch.setattr(module, loss_name, nan_from_step_5)
+    with pytest.raises(SystemExit) as e:
+        module.main(train_argv(name, tmp_path / "run", tiny_pt, 20))
+    assert "non-finite loss or gradient at step 5" in str(e.value.code)
+    ck = common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ck["step"] == 3  # the last good one
+    assert all(torch.isfinite(v).all() for v in flatten(ck["model"]).values() if v.is_floating_point())
+
+
+def test_checkpoint_mismatches_and_corruption_are_named(tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    ddpm.main(train_argv("ddpm", out, tiny_pt, 1))
+    err = usage_error(ddpm.main, train_argv("ddpm", out, tiny_pt, 2, "--resume", "--ch", "16"), capsys)
+    assert "ch: checkpoint 8, now 16" in err
+    rgb = tmp_path / "rgb.pt"
+    torch.save(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), rgb)
+    err = usage_error(ddpm.main, train_argv("ddpm", out, str(rgb), 2, "--resume"), capsys)
+    assert "in_ch: checkpoint 1, now 3" in err and "image_size: checkpoint 28, now 32" in err
+    err = usage_error(vae.main, ["--sample", "2", "--out", str(out)], capsys)
+    assert "is a ddpm.py checkpoint, not a vae.py one" in err
+    data = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    err = usage_error(ddpm.main, ["--sample", "2", "--out", str(out)], capsys)
+    assert "truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_checkpoints_load_with_weights_only(tmp_path, tiny_pt):
+    for name, (module, _, _) in SCRIPTS.items():
+        module.main(train_argv(name, tmp_path / name, tiny_pt, 1))
+        torch.load(tmp_path / name / "ckpt.pt", weights_only=True)  # raises if anything but tensors and plain values
+
+
+@pytest.mark.parametrize("name,flag", [
+    ("ddpm", ["--steps", "-1"]), ("ddpm", ["--batch-size", "0"]), ("ddpm", ["--T", "0"]), ("ddpm", ["--beta-1", "1.5"]),
+    ("ddpm", ["--beta-1", "0.02", "--beta-T", "0.001"]), ("ddpm", ["--eta", "-1"]), ("ddpm", ["--lr", "nan"]),
+    ("vae", ["--k", "0"]), ("vae", ["--sigma-x", "-1"]), ("vae", ["--latent-dim", "0"]),
+    ("ncsn", ["--sigma-1", "-1"]), ("ncsn", ["--levels", "0"]), ("ncsn", ["--langevin-eps", "0"]),
+])
+def test_out_of_range_flags_are_refused(name, flag, tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    err = usage_error(SCRIPTS[name][0].main, train_argv(name, out, tiny_pt, 1) + flag, capsys)
+    assert "error:" in err and flag[-2].lstrip("-") in err.replace("_", "-") and not out.exists()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_unwritable_output_and_missing_checkpoint(name, tmp_path, tiny_pt, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run folder would go")
+    err = usage_error(SCRIPTS[name][0].main, train_argv(name, blocker / "run", tiny_pt, 1), capsys)
+    assert "can't be written" in err
+    err = usage_error(SCRIPTS[name][0].main, ["--sample", "2", "--out", str(tmp_path / "empty")], capsys)
+    assert "no checkpoint" in err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_same_seed_same_samples(name, tmp_path, tiny_pt):
+    module = SCRIPTS[name][0]
+    module.main(train_argv(name, tmp_path, tiny_pt, 1))
+    extra = ["--langevin-steps", "2"] if name == "ncsn" else []
+    runs = []
+    for _ in range(2):
+        module.main(["--sample", "3", "--out", str(tmp_path), "--seed", "11", *extra])
+        runs.append(torch.load(tmp_path / "samples.pt", weights_only=True))
+    assert torch.equal(*runs)
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
+    argv = ["--data", tiny_pt, "--steps", "3", "--batch-size", "4", "--log-every", "1", "--T", "10",
+            "--dropout", "0", "--final-samples", "0", *TINY_UNET]
+    one = tmp_path / "one"
+    ddpm.main(["--train", "--out", str(one), *argv])
+    two = tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "ddpm.py"), "--train", "--out", str(two), "--device", "cpu", *argv],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("step 3/3") == 1  # only rank 0 reports
+    assert sorted(p.name for p in two.iterdir()) == ["ckpt.pt"]
+    a, b = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (one, two))
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k

@@ -291,6 +291,7 @@ def train(args, rank, world, device):
     N, C, H, W = data.shape
     if H != W:
         raise common.DataError(f"{args.data}: images are {H}x{W}; use square images")
+    torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
     recipe = common.fill_recipe(args, device, RECIPE, RECIPE)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split evenly over {world} ranks")
