@@ -11,11 +11,14 @@ can be read in one file. Copy this file together with the script you need.
 """
 import argparse
 import ast
+import json
 import contextlib
 import gzip
 import hashlib
 import math
 import os
+import platform
+import resource
 import signal
 import struct
 import sys
@@ -214,6 +217,7 @@ def add_common_args(p, ema=True, clip=1.0):
     g.add_argument("--train", action="store_true", help="train (downloads the data set on first use)")
     g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
     g.add_argument("--sample", type=positive_int, metavar="N", help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
+    g.add_argument("--bench", action="store_true", help="time training steps and sampling network calls for these flags; print one JSON line")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default="mnist", help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor (N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
     g.add_argument("--data-dir", default="data", help="where downloaded data sets are kept (default ./data)")
@@ -511,6 +515,55 @@ def _hms(sec):
         return "?"
     sec = int(sec)
     return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+def data_shape(data, data_dir="data"):
+    """(C, H) of a data set without downloading it (for --bench), or of a .pt/.npy file."""
+    known = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
+    if data in known:
+        return known[data]
+    x = load_images(data, data_dir)
+    return x.shape[1], x.shape[2]
+
+
+def macs_per_image(model, *example):
+    """Multiply-accumulates of one forward pass on one image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*example)
+    return counter.get_total_flops() // 2
+
+
+def benchmark(model, train_step, sample_call, batch_size, device, macs, warmup=3, iters=10):
+    """Time `train_step()` (one optimiser step on a batch) and `sample_call()` (one network evaluation of a
+    sampling batch), after `warmup` untimed calls each (torch.compile's compilation included there)."""
+
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / iters
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_train = timed(train_step)
+    with torch.no_grad():
+        t_eval = timed(sample_call)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:  # ru_maxrss is KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if platform.system() == "Darwin" else 2 ** 10)
+    return json.dumps(dict(
+        params=sum(p.numel() for p in model.parameters()), macs_per_image=macs, batch_size=batch_size,
+        train_img_per_s=round(batch_size / t_train, 2), sample_evals_per_s=round(1 / t_eval, 3),
+        sample_img_evals_per_s=round(batch_size / t_eval, 2), peak_mem_mib=round(peak, 1), device=str(device),
+        dtype="bf16 autocast" if device.type == "cuda" else "fp32", torch=torch.__version__,
+        threads=torch.get_num_threads()))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -312,8 +312,8 @@ def build_parser():
 def parse(argv):
     p = build_parser()
     args = p.parse_args(argv)
-    if not (args.train or args.sample or args.eval):
-        p.error("nothing to do: give --train, --sample N or --eval")
+    if not (args.train or args.sample or args.eval or args.bench):
+        p.error("nothing to do: give --train, --sample N, --eval or --bench")
     if args.beta_T < args.beta_1:
         p.error(f"--beta-T {args.beta_T} < --beta-1 {args.beta_1}: DDPM's betas increase with t")
     if args.eta < 0 or not math.isfinite(args.eta):
@@ -331,6 +331,8 @@ def main(argv=None):
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
     try:
+        if args.bench:
+            return bench(args, device)
         if args.train:
             train(args, rank, world, device)
         if (args.sample or args.eval) and rank == 0:
@@ -342,6 +344,38 @@ def main(argv=None):
                 evaluate(args, model, s, device, ck)
     except (common.DataError, common.CheckpointError, ValueError, OSError) as e:
         p.error(str(e))
+    return 0
+
+
+def bench(args, device):
+    """--bench: the training step of train() and one sampling network call, timed on random data."""
+    C, H = common.data_shape(args.data, args.data_dir)
+    common.fill_recipe(args, device, GPU_RECIPE, CPU_RECIPE)
+    torch.manual_seed(args.seed)
+    model = common.UNet(**common.unet_config(args, C, H)).to(device)
+    s = schedule(args.T, args.beta_1, args.beta_T).to(device)
+    opt, sched = common.make_optimizer(model, args.lr, args.warmup)
+    ema = common.make_ema(model, args.ema_decay)
+    net = torch.compile(model) if args.compile else model
+    B = args.batch_size
+    x0 = torch.rand(B, C, H, H, device=device) * 2 - 1
+    t = torch.full((B,), s.T, device=device)
+
+    def train_step():
+        with common.autocast(device):
+            loss = loss_simple(net, s, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+
+    def sample_call():
+        with common.autocast(device):
+            net(x0, t)
+
+    print(common.benchmark(model, train_step, sample_call, B, device, common.macs_per_image(model, x0[:1], t[:1])))
     return 0
 
 

@@ -200,8 +200,8 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if not (args.train or args.sample):
-        p.error("nothing to do: give --train or --sample N")
+    if not (args.train or args.sample or args.bench):
+        p.error("nothing to do: give --train, --sample N or --bench")
     if args.levels > 1 and args.sigma_1 <= args.sigma_L:
         p.error(f"--sigma-1 {args.sigma_1} must exceed --sigma-L {args.sigma_L}")
     args.out = args.out or os.path.join("runs", "ncsn")
@@ -210,6 +210,8 @@ def main(argv=None):
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
     try:
+        if args.bench:
+            return bench(args, device)
         if args.train:
             train(args, rank, world, device)
         if args.sample and rank == 0:
@@ -222,6 +224,38 @@ def main(argv=None):
             write_samples(args, model.to(device).eval(), sigmas, device, args.sample, args.strip)
     except (common.DataError, common.CheckpointError, ValueError, OSError) as e:
         p.error(str(e))
+    return 0
+
+
+def bench(args, device):
+    """--bench: the training step of train() and one Langevin network call, timed on random data."""
+    C, H = common.data_shape(args.data, args.data_dir)
+    common.fill_recipe(args, device, GPU_RECIPE, CPU_RECIPE)
+    torch.manual_seed(args.seed)
+    sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.levels)
+    model = ScoreNet(sigmas, **common.unet_config(args, C, H)).to(device)
+    opt, sched = common.make_optimizer(model, args.lr, args.warmup)
+    ema = common.make_ema(model, args.ema_decay)
+    net = torch.compile(model) if args.compile else model
+    B = args.batch_size
+    x = torch.rand(B, C, H, H, device=device)
+    i = torch.full((B,), args.levels, device=device)
+
+    def train_step():
+        with common.autocast(device):
+            loss = dsm_loss(net, x, sigmas)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+
+    def sample_call():
+        with common.autocast(device):
+            net(x, i)
+
+    print(common.benchmark(model, train_step, sample_call, B, device, common.macs_per_image(model, x[:1], i[:1])))
     return 0
 
 

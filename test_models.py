@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import json
 import os
 import struct
 import threading
@@ -530,3 +531,13 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
     a, b = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (one, two))
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bench_prints_one_json_line(name, tiny_pt, capsys):
+    SCRIPTS[name][0].main(["--bench", "--data", tiny_pt, "--batch-size", "2", *SCRIPTS[name][1]])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    r = json.loads(line)
+    for key in ("params", "macs_per_image", "train_img_per_s", "sample_evals_per_s", "peak_mem_mib", "device", "dtype", "torch"):
+        assert key in r, key
+    assert r["macs_per_image"] > 0 and r["train_img_per_s"] > 0 and r["device"] == "cpu"

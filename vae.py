@@ -217,8 +217,8 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if not (args.train or args.sample or args.reconstruct or args.eval):
-        p.error("nothing to do: give --train, --sample N, --reconstruct or --eval")
+    if not (args.train or args.sample or args.reconstruct or args.eval or args.bench):
+        p.error("nothing to do: give --train, --sample N, --reconstruct, --eval or --bench")
     if args.likelihood == "bernoulli" and not args.binarize:
         p.error("--likelihood bernoulli needs binary targets: add --binarize (dynamic binarisation)")
     if args.binarize and args.likelihood != "bernoulli":
@@ -229,6 +229,8 @@ def main(argv=None):
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
     try:
+        if args.bench:
+            return bench(args, device)
         if args.train:
             train(args, rank, world, device)
         if rank == 0 and (args.sample or args.reconstruct or args.eval):
@@ -249,6 +251,31 @@ def main(argv=None):
                 evaluate(args, a, model, x, g, ck["step"])
     except (common.DataError, common.CheckpointError, ValueError, OSError) as e:
         p.error(str(e))
+    return 0
+
+
+def bench(args, device):
+    """--bench: one training step and one decoder call (what generation costs), timed on random data."""
+    C, H = common.data_shape(args.data, args.data_dir)
+    common.fill_recipe(args, device, RECIPE, RECIPE)
+    torch.manual_seed(args.seed)
+    model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
+    opt, sched = common.make_optimizer(model, args.lr, args.warmup)
+    net = torch.compile(model) if args.compile else model
+    B = args.batch_size
+    x = prepare(torch.rand(B, C, H, H, device=device), args.likelihood, None)
+    v = torch.randn(B, args.latent_dim, device=device)
+
+    def train_step():
+        with common.autocast(device):
+            loss = -elbo(net, x, args.likelihood, args.sigma_x).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        sched.step()
+
+    print(common.benchmark(model, train_step, lambda: model.decode(v), B, device, common.macs_per_image(model, x[:1])))
     return 0
 
 
