@@ -575,6 +575,11 @@ def test_langevin_on_a_gaussian_follows_the_discretised_chain_exactly():
         assert_close_se(x.var(), var, var * math.sqrt(2 / (M - 1)), what=f"variance at step {t + 1}")
     # the finite-step bias that more samples do not remove: stationary variance s^2 / (1 - ε/(2 s^2)), not s^2
     assert abs(s2 / (1 - eps / (2 * s2)) - s2) > 0.02
+    # NOTES ERROR: the notes write s_θ(x) without the step index. Evaluated at a fixed x (the start) the drift
+    # never changes: after 12 steps the mean is 12 ε m/s^2 = 3.6, far from the chain's closed form above.
+    start = torch.zeros(M, dtype=D64)
+    notes_x = ncsn.langevin(lambda y: -(start - m) / s2, start, eps, 12, generator=gen(31))
+    assert abs(notes_x.mean().item() - mean) > 100 * math.sqrt(var / M)
 
 
 def test_annealed_langevin_on_a_gaussian_follows_the_discretised_chain_at_every_level():
@@ -634,6 +639,8 @@ def test_annealed_langevin_recovers_a_gaussian_mixture():
 def test_cond_instance_norm_plus_has_the_mean_and_spread_of_its_formula():
     torch.manual_seed(0)
     norm = ncsn.CondInstanceNorm2dPlus(6, num_levels=3)
+    # NOTES ERROR: the notes call γ and Φ the learnable pair; Φ is the measured spread, β is the learnt shift
+    assert sorted(n for n, _ in norm.named_parameters()) == ["alpha", "beta", "gamma"]
     with torch.no_grad():
         norm.gamma.normal_(1, 0.5)
         norm.beta.normal_(0, 1)
