@@ -211,7 +211,7 @@ unit_interval = _typed(lambda s: float(s) if 0 <= float(s) < 1 else None, "a num
 int_list = _typed(lambda s: [int(v) for v in s.split(",") if v.strip()], "a comma-separated list of integers")
 
 
-def add_common_args(p, ema=True, clip=1.0):
+def add_common_args(p, ema=True, clip=1.0, precision="auto"):
     """The flags every script shares: what to do, where, on which data and device, and the optimiser."""
     g = p.add_argument_group("what to do")
     g.add_argument("--train", action="store_true", help="train (downloads the data set on first use)")
@@ -225,6 +225,8 @@ def add_common_args(p, ema=True, clip=1.0):
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same samples on the CPU")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device string")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=precision,
+                   help=f"auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default {precision})")
     g = p.add_argument_group("optimisation (GPU default / CPU default printed at start)")
     g.add_argument("--steps", type=nonneg_int, help="total training steps")
     g.add_argument("--batch-size", type=positive_int, help="global batch size (split across torchrun ranks)")
@@ -244,6 +246,7 @@ def fill_recipe(args, device, gpu, cpu):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     used = ", ".join(f"{k}={getattr(args, k)}" for k in recipe)
+    used += f", {'bf16 autocast' if bf16_enabled(device, args.precision) else 'fp32'}"
     return f"{'GPU' if device.type == 'cuda' else 'CPU'} recipe: {used}"
 
 
@@ -442,10 +445,23 @@ def pick_device(name="auto"):
     return dev
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (the fast path); full fp32 elsewhere."""
+def bf16_enabled(device, precision="auto"):
+    """Whether to train and sample under bf16 autocast: on CUDA, and on CPUs with native bf16 (AVX512-BF16 or
+    AMX), where it measured 1.7x the fp32 training speed on 2 cores; never on other devices unless asked."""
+    if precision != "auto":
+        return precision == "bf16"
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return True
+    if device.type == "cpu":
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(probe is not None and probe())
+    return False
+
+
+def autocast(device, precision="auto"):
+    """bf16 autocast (weights, optimiser and the samplers' arithmetic stay fp32), or nothing."""
+    if bf16_enabled(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -534,7 +550,7 @@ def macs_per_image(model, *example):
     return counter.get_total_flops() // 2
 
 
-def benchmark(model, train_step, sample_call, batch_size, device, macs, warmup=3, iters=10):
+def benchmark(model, train_step, sample_call, batch_size, device, macs, precision="auto", warmup=3, iters=10):
     """Time `train_step()` (one optimiser step on a batch) and `sample_call()` (one network evaluation of a
     sampling batch), after `warmup` untimed calls each (torch.compile's compilation included there)."""
 
@@ -562,7 +578,7 @@ def benchmark(model, train_step, sample_call, batch_size, device, macs, warmup=3
         params=sum(p.numel() for p in model.parameters()), macs_per_image=macs, batch_size=batch_size,
         train_img_per_s=round(batch_size / t_train, 2), sample_evals_per_s=round(1 / t_eval, 3),
         sample_img_evals_per_s=round(batch_size / t_eval, 2), peak_mem_mib=round(peak, 1), device=str(device),
-        dtype="bf16 autocast" if device.type == "cuda" else "fp32", torch=torch.__version__,
+        dtype="bf16 autocast" if bf16_enabled(device, precision) else "fp32", torch=torch.__version__,
         threads=torch.get_num_threads()))
 
 

@@ -152,8 +152,7 @@ def sample(model, s, shape, var="beta_tilde", clip_x0=False, generator=None, pro
     bar = common.Progress(s.T, what="sampling t")
     for k, t_int in enumerate(range(s.T, 0, -1)):
         t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
-        with common.autocast(device):
-            eps = model(x, t).float()
+        eps = model(x, t).float()
         if clip_x0:
             mean, _ = q_posterior(s, predict_x0(s, x, t, eps).clamp(-1, 1), x, t)
         else:
@@ -190,8 +189,7 @@ def ddim_sample(model, s, shape, steps=50, eta=0.0, clip_x0=False, generator=Non
         t_int, prev = ts[k], ts[k + 1]
         a_t, a_prev = alpha_bar[t_int], alpha_bar[prev]
         t = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
-        with common.autocast(device):
-            eps = model(x, t).float()
+        eps = model(x, t).float()
         # 推导: x̂_0 = (x_t - sqrt(1-ᾱ_t) ε_θ) / sqrt(ᾱ_t)
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
         if clip_x0:
@@ -362,7 +360,7 @@ def bench(args, device):
     t = torch.full((B,), s.T, device=device)
 
     def train_step():
-        with common.autocast(device):
+        with common.autocast(device, args.precision):
             loss = loss_simple(net, s, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -372,10 +370,10 @@ def bench(args, device):
         ema.update_parameters(model)
 
     def sample_call():
-        with common.autocast(device):
+        with common.autocast(device, args.precision):
             net(x0, t)
 
-    print(common.benchmark(model, train_step, sample_call, B, device, common.macs_per_image(model, x0[:1], t[:1])))
+    print(common.benchmark(model, train_step, sample_call, B, device, common.macs_per_image(model, x0[:1], t[:1]), args.precision))
     return 0
 
 
@@ -391,10 +389,11 @@ def write_samples(args, model, s, device, n):
     g = torch.Generator(device=device).manual_seed(args.seed)
     shape = (n, model.in_ch, model.image_size, model.image_size)
     t0 = time.time()
-    if args.ddim_steps:
-        x = ddim_sample(model, s, shape, args.ddim_steps, args.eta, args.clip_x0, generator=g, progress=True)
-    else:
-        x = sample(model, s, shape, args.var, args.clip_x0, generator=g, progress=True)
+    with common.autocast(device, args.precision):  # the network in bf16 where enabled; the updates stay fp32
+        if args.ddim_steps:
+            x = ddim_sample(model, s, shape, args.ddim_steps, args.eta, args.clip_x0, generator=g, progress=True)
+        else:
+            x = sample(model, s, shape, args.var, args.clip_x0, generator=g, progress=True)
     png, pt = common.save_samples(args.out, "samples", (x.clamp(-1, 1) + 1) / 2)
     print(f"wrote {png} and {pt} ({n} samples in {time.time() - t0:.1f}s)")
 
@@ -479,7 +478,7 @@ def train(args, rank, world, device):
             t = torch.randint(1, args.T + 1, (args.batch_size,), device=device, generator=g)[lo:hi]
             eps = torch.randn((args.batch_size, C, H, W), device=device, generator=g)[lo:hi]
             x0 = common.to_range(data[idx], -1)
-            with common.autocast(device):
+            with common.autocast(device, args.precision):
                 loss = loss_simple(net, s, x0, t, eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -242,7 +242,7 @@ def bench(args, device):
     i = torch.full((B,), args.levels, device=device)
 
     def train_step():
-        with common.autocast(device):
+        with common.autocast(device, args.precision):
             loss = dsm_loss(net, x, sigmas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -252,10 +252,10 @@ def bench(args, device):
         ema.update_parameters(model)
 
     def sample_call():
-        with common.autocast(device):
+        with common.autocast(device, args.precision):
             net(x, i)
 
-    print(common.benchmark(model, train_step, sample_call, B, device, common.macs_per_image(model, x[:1], i[:1])))
+    print(common.benchmark(model, train_step, sample_call, B, device, common.macs_per_image(model, x[:1], i[:1]), args.precision))
     return 0
 
 
@@ -264,7 +264,7 @@ def write_samples(args, model, sigmas, device, n, strip=False):
     x0 = torch.rand((n, model.in_ch, model.image_size, model.image_size), device=device, generator=g)  # uniform on [0,1]
     trace = [] if strip else None
     t0 = time.time()
-    with common.autocast(device):
+    with common.autocast(device, args.precision):
         x = annealed_langevin(model, x0, sigmas, args.langevin_eps, args.langevin_steps, args.denoise, g, trace)
     png, pt = common.save_samples(args.out, "samples", x.float().clamp(0, 1))
     print(f"wrote {png} and {pt} ({n} samples, {len(sigmas) - 1}x{args.langevin_steps} steps, {time.time() - t0:.1f}s)")
@@ -327,7 +327,7 @@ def train(args, rank, world, device):
             idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)[lo:hi]
             i = torch.randint(1, args.levels + 1, (args.batch_size,), device=device, generator=g)[lo:hi]
             eps = torch.randn((args.batch_size, C, H, W), device=device, generator=g)[lo:hi]
-            with common.autocast(device):
+            with common.autocast(device, args.precision):
                 loss = dsm_loss(net, common.to_range(data[idx], 0), sigmas, i=i, eps=eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
