@@ -479,6 +479,19 @@ def make_optimizer(model, lr, warmup):
     return opt, sched
 
 
+def optimizer_step(loss, model, opt, sched, grad_clip, ema=None):
+    """backward, clip the gradient norm, Adam step, LR schedule step, EMA update; returns the gradient norm
+    (a device tensor: reading it is the caller's choice, so there is no host sync here)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    if ema is not None:
+        ema.update_parameters(model)
+    return gnorm
+
+
 def make_ema(model, decay):
     """EMA of the weights with torch.optim.swa_utils.AveragedModel.
 
@@ -689,6 +702,21 @@ class NonFiniteWatch:
 
     def found(self):
         return self.first.item() >= 0
+
+
+def stop_if_interrupted_or_bad(stop, bad, save, step, rank, script, out):
+    """After the loop: Ctrl-C -> save and exit 130 with how to resume; NaN/inf -> stop, naming the step.
+    Either way no non-finite weight is written (save() checks `bad`)."""
+    ckpt = os.path.join(out, "ckpt.pt")
+    if stop.requested:
+        save(step)
+        if rank == 0 and not bad.found():
+            print(f"interrupted at step {step}; checkpoint written to {ckpt}. "
+                  f"Resume with: python {script} --train --resume --out {out}", file=sys.stderr)
+        raise SystemExit(130)
+    if bad.found():
+        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
+                         f"The last good checkpoint is {ckpt} (try a lower --lr, check the data).")
 
 
 def pause_if_asked(step):

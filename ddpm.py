@@ -362,12 +362,7 @@ def bench(args, device):
     def train_step():
         with common.autocast(device, args.precision):
             loss = loss_simple(net, s, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
+        common.optimizer_step(loss, model, opt, sched, args.grad_clip, ema)
 
     def sample_call():
         with common.autocast(device, args.precision):
@@ -480,12 +475,7 @@ def train(args, rank, world, device):
             x0 = common.to_range(data[idx], -1)
             with common.autocast(device, args.precision):
                 loss = loss_simple(net, s, x0, t, eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            sched.step()
-            ema.update_parameters(model)
+            gnorm = common.optimizer_step(loss, model, opt, sched, args.grad_clip, ema)
             step += 1
             bad.update(step, loss, gnorm)
             if step % args.log_every == 0 or step == args.steps:
@@ -495,15 +485,7 @@ def train(args, rank, world, device):
                     print(bar.line(step, loss=loss.item(), lr=sched.get_last_lr()[0]), flush=True)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save(step)
-    if stop.requested:
-        save(step)
-        if not bad.found() and rank == 0:
-            print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. "
-                  f"Resume with: python ddpm.py --train --resume --out {args.out}", file=sys.stderr)
-        raise SystemExit(130)
-    if bad.found():
-        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
-                         f"The last good checkpoint is {ckpt_path} (lower --lr, check the data).")
+    common.stop_if_interrupted_or_bad(stop, bad, save, step, rank, "ddpm.py", args.out)
     if rank == 0 and args.final_samples:
         ema.module.eval()
         write_samples(args, ema.module, s, device, args.final_samples)

@@ -244,12 +244,7 @@ def bench(args, device):
     def train_step():
         with common.autocast(device, args.precision):
             loss = dsm_loss(net, x, sigmas)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
+        common.optimizer_step(loss, model, opt, sched, args.grad_clip, ema)
 
     def sample_call():
         with common.autocast(device, args.precision):
@@ -329,12 +324,7 @@ def train(args, rank, world, device):
             eps = torch.randn((args.batch_size, C, H, W), device=device, generator=g)[lo:hi]
             with common.autocast(device, args.precision):
                 loss = dsm_loss(net, common.to_range(data[idx], 0), sigmas, i=i, eps=eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            sched.step()
-            ema.update_parameters(model)
+            gnorm = common.optimizer_step(loss, model, opt, sched, args.grad_clip, ema)
             step += 1
             bad.update(step, loss, gnorm)
             if step % args.log_every == 0 or step == args.steps:
@@ -344,15 +334,7 @@ def train(args, rank, world, device):
                     print(bar.line(step, loss=loss.item()), flush=True)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save(step)
-    if stop.requested:
-        save(step)
-        if rank == 0 and not bad.found():
-            print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. "
-                  f"Resume with: python ncsn.py --train --resume --out {args.out}", file=sys.stderr)
-        raise SystemExit(130)
-    if bad.found():
-        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
-                         f"The last good checkpoint is {ckpt_path}.")
+    common.stop_if_interrupted_or_bad(stop, bad, save, step, rank, "ncsn.py", args.out)
     if rank == 0 and args.final_samples:
         write_samples(args, ema.module.eval(), sigmas, device, args.final_samples)
 

@@ -271,11 +271,7 @@ def bench(args, device):
     def train_step():
         with common.autocast(device, args.precision):
             loss = -elbo(net, x, args.likelihood, args.sigma_x).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
+        common.optimizer_step(loss, model, opt, sched, args.grad_clip)
 
     print(common.benchmark(model, train_step, lambda: model.decode(v), B, device, common.macs_per_image(model, x[:1]), args.precision))
     return 0
@@ -362,11 +358,7 @@ def train(args, rank, world, device):
             x = prepare(common.to_range(data[idx], 0), args.likelihood, g)
             with common.autocast(device, args.precision):
                 loss = -elbo(net, x, args.likelihood, args.sigma_x, g).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            sched.step()
+            gnorm = common.optimizer_step(loss, model, opt, sched, args.grad_clip)
             step += 1
             bad.update(step, loss, gnorm)
             if step % args.log_every == 0 or step == args.steps:
@@ -376,15 +368,7 @@ def train(args, rank, world, device):
                     print(bar.line(step, loss=loss.item()), flush=True)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save(step)
-    if stop.requested:
-        save(step)
-        if rank == 0 and not bad.found():
-            print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. "
-                  f"Resume with: python vae.py --train --resume --out {args.out}", file=sys.stderr)
-        raise SystemExit(130)
-    if bad.found():
-        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
-                         f"The last good checkpoint is {ckpt_path}.")
+    common.stop_if_interrupted_or_bad(stop, bad, save, step, rank, "vae.py", args.out)
     if rank == 0:
         model.eval()
         png, _ = common.save_samples(args.out, "samples", generate(model, 64, torch.Generator(device).manual_seed(args.seed)))
