@@ -11,6 +11,8 @@ import functools
 import gzip
 import hashlib
 import http.server
+import io
+import tarfile
 import json
 import os
 import struct
@@ -190,6 +192,26 @@ def test_npy_reader(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(common.DataError, match="truncated"):
         common.load_images(str(path))
+
+
+def test_cifar10_binary_reader(tmp_path):
+    # the binary version: records of 1 label byte + 3072 pixel bytes (R, G, B planes), no pickle
+    path = tmp_path / "cifar-10-binary.tar.gz"
+    batches = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for k, name in enumerate([f"data_batch_{j}.bin" for j in range(1, 6)] + ["test_batch.bin"]):
+            recs = torch.randint(0, 256, (2, 3073), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+            batches[name] = recs
+            raw = bytes(recs.flatten().tolist())
+            info = tarfile.TarInfo("cifar-10-batches-bin/" + name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    train, test = common._read_cifar(str(path), "train"), common._read_cifar(str(path), "test")
+    assert train.shape == (10, 3, 32, 32) and test.shape == (2, 3, 32, 32)
+    assert torch.equal(test[1, 2], batches["test_batch.bin"][1, 1 + 2 * 1024:].reshape(32, 32))  # blue plane
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(common.DataError, match="not a readable CIFAR-10"):
+        common._read_cifar(str(path), "train")
 
 
 def idx_gz(n=3):
