@@ -405,12 +405,12 @@ def evaluate(args, model, s, device, ck):
         x0 = common.to_range(x[k:k + 100], -1).to(device)
         bpd, se = nll_bits_per_dim(model, s, x0, args.eval_t, args.var, generator=g)
         bpds.append(bpd.cpu())
-        ses.append(se.cpu() if se is not None else None)
+        ses.append(se.cpu() if se is not None else torch.zeros_like(bpd.cpu()))
         print(f"eval {min(k + 100, len(x))}/{len(x)} images, running bits/dim {torch.cat(bpds).mean():.4f}", file=sys.stderr)
     bpd = torch.cat(bpds)
-    # standard error over images (and, with --eval-t, over the drawn t's inside each image's estimate)
-    var_between = bpd.var() / len(bpd) if len(bpd) > 1 else torch.tensor(0.0, dtype=torch.float64)
-    se = var_between.sqrt().item()
+    # the spread over images already holds the noise of each image's estimate (x_t draws, and with --eval-t the
+    # drawn t's); for a single image only that estimate's own standard error is left
+    se = (bpd.std() / math.sqrt(len(bpd))).item() if len(bpd) > 1 else torch.cat(ses)[0].item()
     print(f"bound: {bpd.mean():.4f} ± {se:.4f} bits/dim on {len(bpd)} images of {args.data} (test), "
           f"{'every t' if args.eval_t is None else f'{args.eval_t} t per image'}, var={args.var}, "
           f"step {ck['step']}, {time.time() - t0:.1f}s")
