@@ -177,7 +177,7 @@ def annealed_langevin(score_fn, x, sigmas, eps=2e-5, T=100, denoise=False, gener
 # CLI
 
 GPU_RECIPE = dict(steps=100_000, batch_size=128, lr=1e-3, warmup=0, ema_decay=0.999)  # NCSN: Adam 1e-3, batch 128
-CPU_RECIPE = dict(steps=4000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999)  # ~25 min on 2 cores
+CPU_RECIPE = dict(steps=4000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999)  # ~38 min on 2 cores
 MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", "attn", "sigma_1", "sigma_L", "levels")
 
 
