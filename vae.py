@@ -112,11 +112,12 @@ def log_px_given_v(out, x, likelihood, sigma_x=None):
     return -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
 
 
-def elbo(model, x, likelihood="gaussian", sigma_x=0.1, generator=None):
-    """The ELBO per example in nats, with one sample of v (the notes: 抽样一次就够了).
+def elbo(model, x, likelihood=None, sigma_x=0.1, generator=None):
+    """The ELBO per example in nats, with one sample of v (the notes: 抽样一次就够了). likelihood=None: the model's.
 
     VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)]
     """
+    likelihood = likelihood or getattr(model, "likelihood", "gaussian")
     out, mu, log_var = model(x, generator=generator)
     return log_px_given_v(out, x, likelihood, sigma_x) - kl_to_standard_normal(mu, log_var)
 
@@ -133,11 +134,12 @@ def notes_loss(x, x_mean, mu, log_var, sigma_x):
 
 
 @torch.no_grad()
-def iwae_bound(model, x, k, likelihood="gaussian", sigma_x=0.1, generator=None, chunk=50_000):
+def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=50_000):
     """log (1/k) Σ_j p_θ(x, v_j) / q_φ(v_j|x), v_j ~ q_φ(v|x), per example in nats (IWAE; k = 1 is the ELBO).
 
     The bound rises towards log p_θ(x) as k grows; logsumexp keeps the sum of k tiny ratios finite.
     """
+    likelihood = likelihood or getattr(model, "likelihood", "gaussian")
     out = []
     per = max(1, chunk // k)
     for xb in x.split(per):
