@@ -627,6 +627,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: mkstemp makes 0600 files, outputs should get the usual 0666 & ~umask
+
+
 def save_checkpoint(path, obj):
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a kill at any moment leaves
     the old checkpoint or the new one, never part of one."""
@@ -637,6 +641,7 @@ def save_checkpoint(path, obj):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -761,6 +766,7 @@ def _atomic_write(path, data):
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
 
 

@@ -149,6 +149,8 @@ def test_png_writer_rgb(tmp_path):
     common.write_png(str(tmp_path / "a.png"), x, nrow=2, pad=0)
     W, H, ch, raw = read_png(tmp_path / "a.png")
     assert (W, H, ch) == (10, 10, 3)
+    # written atomically through a 0600 temporary file, but handed over with the usual permissions
+    assert os.stat(tmp_path / "a.png").st_mode & 0o777 == 0o666 & ~common._UMASK
     # top-left pixel of the first image, red channel
     assert raw[1] == round(x[0, 0, 0, 0].item() * 255)
 
