@@ -694,6 +694,24 @@ def restore_training(ck, model, opt, sched, ema=None):
     return ck["step"]
 
 
+def resume(ckpt_path, kind, ck_args, keys, model, opt, sched, ema=None, rank=0):
+    """--resume: load OUT/ckpt.pt, refuse a different model or data shape, restore everything; returns the step."""
+    ck = load_checkpoint(ckpt_path, kind=kind)
+    check_same(ck["args"], ck_args, keys, ckpt_path)
+    step = restore_training(ck, model, opt, sched, ema)
+    if rank == 0:
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    return step
+
+
+def wrap(model, world, device, compile_model):
+    """DistributedDataParallel under torchrun, then torch.compile if asked; checkpoints use the unwrapped model."""
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(net) if compile_model else net
+
+
 class NonFiniteWatch:
     """Remembers, on the device, the first step whose loss or gradient norm was NaN/inf: no host sync per step.
     Read it (one sync) with the logged loss and always before writing a checkpoint or samples."""

@@ -442,16 +442,8 @@ def train(args, rank, world, device):
     ema = common.make_ema(model, args.ema_decay)
     step = 0
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, kind="ddpm")
-        common.check_same(ck["args"], ck_args, MODEL_KEYS, ckpt_path)
-        step = common.restore_training(ck, model, opt, sched, ema)
-        if rank == 0:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
+        step = common.resume(ckpt_path, "ddpm", ck_args, MODEL_KEYS, model, opt, sched, ema, rank=rank)
+    net = common.wrap(model, world, device, args.compile)
 
     def save(step):
         if bad.found():  # never let a non-finite weight reach the disk: the last good file stays

@@ -335,14 +335,8 @@ def train(args, rank, world, device):
     opt, sched = common.make_optimizer(model, args.lr, args.warmup)
     step = 0
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, kind="vae")
-        common.check_same(ck["args"], ck_args, MODEL_KEYS, ckpt_path)
-        step = common.restore_training(ck, model, opt, sched)
-        if rank == 0:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if args.compile:
-        net = torch.compile(net)
+        step = common.resume(ckpt_path, "vae", ck_args, MODEL_KEYS, model, opt, sched, rank=rank)
+    net = common.wrap(model, world, device, args.compile)
     bad = common.NonFiniteWatch(device)
 
     def save(step):
