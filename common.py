@@ -433,15 +433,21 @@ def to_range(x, lo):
 
 
 def pick_device(name="auto"):
+    """The torch device for --device; on CUDA also lets fp32 matmuls use TF32 (what is left in fp32 outside
+    bf16 autocast, and everything under --precision fp32; cuDNN convolutions already use TF32 by default)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)  # RuntimeError on a malformed string; the scripts turn it into a usage error
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+            dev = torch.device("cuda")
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            dev = torch.device("mps")
+        else:
+            dev = torch.device("cpu")
+    else:
+        dev = torch.device(name)  # RuntimeError on a malformed string; the scripts turn it into a usage error
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     return dev
 
 

@@ -565,3 +565,18 @@ def test_bench_prints_one_json_line(name, tiny_pt, capsys):
     for key in ("params", "macs_per_image", "train_img_per_s", "sample_evals_per_s", "peak_mem_mib", "device", "dtype", "torch"):
         assert key in r, key
     assert r["macs_per_image"] > 0 and r["train_img_per_s"] > 0 and r["device"] == "cpu"
+
+
+def test_cuda_device_turns_on_tf32_for_fp32_matmuls(monkeypatch):
+    # the GPU fast path: picking CUDA (auto or named) lets fp32 matmuls run in TF32; a CPU run leaves it alone.
+    # No CUDA here, so availability is patched: pick_device only decides, it allocates nothing.
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert common.pick_device("cpu").type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert common.pick_device("auto").type == "cuda" and torch.get_float32_matmul_precision() == "high"
+        torch.set_float32_matmul_precision("highest")
+        assert common.pick_device("cuda:0").type == "cuda" and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
