@@ -226,7 +226,8 @@ def add_common_args(p, ema=True, clip=1.0, precision="auto"):
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device string")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=precision,
-                   help=f"auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default {precision})")
+                   help=f"auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on CUDA fp32 matmuls use "
+                        f"TF32 (default {precision})")
     g = p.add_argument_group("optimisation (GPU default / CPU default printed at start)")
     g.add_argument("--steps", type=nonneg_int, help="total training steps")
     g.add_argument("--batch-size", type=positive_int, help="global batch size (split across torchrun ranks)")
