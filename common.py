@@ -1,24 +1,26 @@
-"""The small pieces that vae.py, ddpm.py and ncsn.py share.
+"""What vae.py, ddpm.py and ncsn.py share, in three parts:
 
-* a U-Net in the style of the DDPM paper (residual blocks, GroupNorm, SiLU, self-attention), conditioned on an
-  integer index (the DDPM time step t, or the NCSN noise level i);
-* data: MNIST / Fashion-MNIST / CIFAR-10 downloaded with urllib and checked, or a local .pt / .npy tensor;
-* plain helpers: seeding, device, optimiser with warm-up, EMA, progress line, atomic checkpoints, PNG grids,
-  distributed set-up.
+1. U-Net: the DDPM paper's network (residual blocks, GroupNorm, SiLU, self-attention), called as model(x, index)
+   with an integer index per image (the DDPM time step t, or the NCSN noise level i). This is all that the
+   algorithm parts of ddpm.py and ncsn.py use from here.
+2. Data: MNIST / Fashion-MNIST / CIFAR-10 downloaded with urllib and checked against their md5, or a local
+   .pt / .npy tensor, validated with messages that name the file and the problem.
+3. Plumbing for the scripts' command lines: flags, recipes, devices and bf16 autocast, seeding, Adam with warm-up,
+   EMA, the --steps/--minutes budget, progress lines, Ctrl-C and NaN handling, atomic checkpoints, --bench,
+   PNG grids, torchrun set-up.
 
 There is no Trainer here on purpose: each script keeps its own short training loop, so the whole algorithm
 can be read in one file. Copy this file together with the script you need.
 """
 import argparse
 import ast
-import json
 import contextlib
 import gzip
 import hashlib
+import json
 import math
 import os
 import platform
-import resource
 import signal
 import struct
 import sys
@@ -33,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------------
-# U-Net
+# ==========================================================================================================
+# 1. U-Net
 
 
 def timestep_embedding(t, dim):
@@ -171,88 +173,8 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h, index)))
 
 
-def add_unet_args(p, ch, ch_mult, res_blocks, attn, dropout):
-    """Model-size flags shared by ddpm.py and ncsn.py. Defaults given here are the script's CPU defaults."""
-    g = p.add_argument_group("model size (U-Net)")
-    g.add_argument("--ch", type=positive_int, default=ch, help=f"base width (default {ch}; the paper's CIFAR-10 model: 128)")
-    g.add_argument("--ch-mult", type=int_list, default=ch_mult, help=f"width multiplier per resolution level, comma separated (default {ch_mult}; CIFAR-10: 1,2,2,2; 28px takes at most 3 levels)")
-    g.add_argument("--res-blocks", type=positive_int, default=res_blocks, help=f"residual blocks per level (default {res_blocks}; CIFAR-10: 2)")
-    g.add_argument("--attn", type=int_list, default=attn, help=f"level indices with self-attention, '' for none (default {attn}; CIFAR-10: 1, the 16x16 level)")
-    g.add_argument("--dropout", type=unit_interval, default=dropout, help=f"dropout in the residual blocks (default {dropout}; CIFAR-10: 0.1)")
-
-
-def unet_config(args, in_ch, image_size):
-    return dict(in_ch=in_ch, ch=args.ch, ch_mult=list(args.ch_mult), num_res_blocks=args.res_blocks,
-                attn=list(args.attn), dropout=args.dropout, image_size=image_size)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# argparse types: bad values are refused by argparse with a message and exit code 2
-
-
-def _typed(check, what):
-    def parse(text):
-        try:
-            value = check(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        if value is None:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _typed(lambda s: int(s) if int(s) >= 1 else None, "an integer >= 1")
-nonneg_int = _typed(lambda s: int(s) if int(s) >= 0 else None, "an integer >= 0")
-positive_float = _typed(lambda s: float(s) if math.isfinite(float(s)) and float(s) > 0 else None, "a finite number > 0")
-open_unit = _typed(lambda s: float(s) if 0 < float(s) < 1 else None, "a number in (0, 1)")
-unit_interval = _typed(lambda s: float(s) if 0 <= float(s) < 1 else None, "a number in [0, 1)")
-int_list = _typed(lambda s: [int(v) for v in s.split(",") if v.strip()], "a comma-separated list of integers")
-
-
-def add_common_args(p, ema=True, clip=1.0, precision="auto"):
-    """The flags every script shares: what to do, where, on which data and device, and the optimiser."""
-    g = p.add_argument_group("what to do")
-    g.add_argument("--train", action="store_true", help="train (downloads the data set on first use)")
-    g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
-    g.add_argument("--sample", type=positive_int, metavar="N", help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
-    g.add_argument("--bench", action="store_true", help="time training steps and sampling network calls for these flags; print one JSON line")
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data", default="mnist", help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor (N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
-    g.add_argument("--data-dir", default="data", help="where downloaded data sets are kept (default ./data)")
-    g.add_argument("--out", default=None, help="the run's folder: checkpoint and samples (default runs/<script>)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same samples on the CPU")
-    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device string")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=precision,
-                   help=f"auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on CUDA fp32 matmuls use "
-                        f"TF32 (default {precision})")
-    g = p.add_argument_group("optimisation (GPU default / CPU default printed at start)")
-    g.add_argument("--steps", type=nonneg_int, help="total training steps")
-    g.add_argument("--batch-size", type=positive_int, help="global batch size (split across torchrun ranks)")
-    g.add_argument("--lr", type=positive_float, help="Adam learning rate")
-    g.add_argument("--warmup", type=nonneg_int, help="linear learning-rate warm-up steps")
-    g.add_argument("--grad-clip", type=positive_float, default=clip, help=f"gradient-norm clip (default {clip})")
-    if ema:
-        g.add_argument("--ema-decay", type=open_unit, help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
-    g.add_argument("--log-every", type=positive_int, default=100, help="steps between progress lines (default 100)")
-    g.add_argument("--ckpt-every", type=positive_int, default=1000, help="steps between checkpoints (default 1000)")
-
-
-def fill_recipe(args, device, gpu, cpu):
-    """Fill flags left unset with the GPU or CPU recipe and say which one was used."""
-    recipe = gpu if device.type == "cuda" else cpu
-    for k, v in recipe.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    used = ", ".join(f"{k}={getattr(args, k)}" for k in recipe)
-    used += f", {'bf16 autocast' if bf16_enabled(device, args.precision) else 'fp32'}"
-    return f"{'GPU' if device.type == 'cuda' else 'CPU'} recipe: {used}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# data
+# ==========================================================================================================
+# 2. Data
 
 
 class DataError(Exception):
@@ -429,8 +351,104 @@ def to_range(x, lo):
     return x * 2 - 1 if lo == -1 else x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# device, seeding, optimiser, EMA, progress
+def data_shape(data, data_dir="data"):
+    """(C, H) of a data set without downloading it (for --bench), or of a .pt/.npy file."""
+    known = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
+    if data in known:
+        return known[data]
+    x = load_images(data, data_dir)
+    return x.shape[1], x.shape[2]
+
+
+# ==========================================================================================================
+# 3. Plumbing for the command lines (nothing above this line needs it)
+
+# ---- flags: bad values are refused by argparse with a message and exit code 2
+
+
+def _typed(check, what):
+    def parse(text):
+        try:
+            value = check(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _typed(lambda s: int(s) if int(s) >= 1 else None, "an integer >= 1")
+nonneg_int = _typed(lambda s: int(s) if int(s) >= 0 else None, "an integer >= 0")
+positive_float = _typed(lambda s: float(s) if math.isfinite(float(s)) and float(s) > 0 else None, "a finite number > 0")
+open_unit = _typed(lambda s: float(s) if 0 < float(s) < 1 else None, "a number in (0, 1)")
+unit_interval = _typed(lambda s: float(s) if 0 <= float(s) < 1 else None, "a number in [0, 1)")
+int_list = _typed(lambda s: [int(v) for v in s.split(",") if v.strip()], "a comma-separated list of integers")
+
+
+def add_common_args(p, ema=True, clip=1.0, precision="auto"):
+    """The flags every script shares: what to do, where, on which data and device, and the optimiser."""
+    g = p.add_argument_group("what to do")
+    g.add_argument("--train", action="store_true", help="train (downloads the data set on first use)")
+    g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    g.add_argument("--sample", type=positive_int, metavar="N", help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
+    g.add_argument("--bench", action="store_true", help="time training steps and sampling network calls for these flags; print one JSON line")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", default="mnist", help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor (N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
+    g.add_argument("--data-dir", default="data", help="where downloaded data sets are kept (default ./data)")
+    g.add_argument("--out", default=None, help="the run's folder: checkpoint and samples (default runs/<script>)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same samples on the CPU")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device string")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=precision,
+                   help=f"auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on CUDA fp32 matmuls use "
+                        f"TF32 (default {precision})")
+    g = p.add_argument_group("optimisation (GPU default / CPU default printed at start)")
+    g.add_argument("--steps", type=nonneg_int, help="train until this many steps in all (with --minutes: whichever comes first)")
+    g.add_argument("--minutes", type=positive_float, help="train until this many minutes of training in all, counted "
+                   "across --resume (the final samples not included); with --steps: whichever comes first")
+    g.add_argument("--batch-size", type=positive_int, help="global batch size (split across torchrun ranks)")
+    g.add_argument("--lr", type=positive_float, help="Adam learning rate")
+    g.add_argument("--warmup", type=nonneg_int, help="linear learning-rate warm-up steps")
+    g.add_argument("--grad-clip", type=positive_float, default=clip, help=f"gradient-norm clip (default {clip})")
+    if ema:
+        g.add_argument("--ema-decay", type=open_unit, help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
+    g.add_argument("--log-every", type=positive_int, default=100, help="steps between progress lines (default 100)")
+    g.add_argument("--ckpt-every", type=positive_int, default=1000, help="steps between checkpoints (default 1000)")
+
+
+def add_unet_args(p, ch, ch_mult, res_blocks, attn, dropout):
+    """Model-size flags shared by ddpm.py and ncsn.py. Defaults given here are the script's CPU defaults."""
+    g = p.add_argument_group("model size (U-Net)")
+    g.add_argument("--ch", type=positive_int, default=ch, help=f"base width (default {ch}; the paper's CIFAR-10 model: 128)")
+    g.add_argument("--ch-mult", type=int_list, default=ch_mult, help=f"width multiplier per resolution level, comma separated (default {','.join(map(str, ch_mult))}; CIFAR-10: 1,2,2,2; 28px takes at most 3 levels)")
+    g.add_argument("--res-blocks", type=positive_int, default=res_blocks, help=f"residual blocks per level (default {res_blocks}; CIFAR-10: 2)")
+    g.add_argument("--attn", type=int_list, default=attn, help=f"level indices with self-attention, '' for none (default {','.join(map(str, attn))}; CIFAR-10: 1, the 16x16 level)")
+    g.add_argument("--dropout", type=unit_interval, default=dropout, help=f"dropout in the residual blocks (default {dropout}; CIFAR-10: 0.1)")
+
+
+def unet_config(args, in_ch, image_size):
+    return dict(in_ch=in_ch, ch=args.ch, ch_mult=list(args.ch_mult), num_res_blocks=args.res_blocks,
+                attn=list(args.attn), dropout=args.dropout, image_size=image_size)
+
+
+def fill_recipe(args, device, gpu, cpu):
+    """Fill flags left unset with the GPU or CPU recipe and say which one was used. The recipe's length
+    (steps and/or minutes) applies only when neither --steps nor --minutes was given."""
+    recipe = dict(gpu if device.type == "cuda" else cpu)
+    length = {k: recipe.pop(k, None) for k in ("steps", "minutes")}
+    if getattr(args, "steps", None) is None and getattr(args, "minutes", None) is None:
+        args.steps, args.minutes = length["steps"], length["minutes"]
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    used = ", ".join(f"{k}={getattr(args, k)}" for k in ("steps", "minutes", *recipe) if getattr(args, k, None) is not None)
+    used += f", {'bf16 autocast' if bf16_enabled(device, args.precision) else 'fp32'}"
+    return f"{'GPU' if device.type == 'cuda' else 'CPU'} recipe: {used}"
+
+
+# ---- devices and precision
 
 
 def pick_device(name="auto"):
@@ -472,6 +490,9 @@ def autocast(device, precision="auto"):
     return contextlib.nullcontext()
 
 
+# ---- optimisation
+
+
 def step_generator(seed, step, device):
     """A generator for one training step, derived from (seed, step): after --resume, or on every torchrun rank,
     step k draws the same batch indices and noise as an uninterrupted single-process run."""
@@ -482,18 +503,18 @@ def make_optimizer(model, lr, warmup):
     """Adam with linear warm-up of the learning rate over `warmup` steps (DDPM: lr 2e-4, warm-up 5000)."""
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     opt = torch.optim.Adam(model.parameters(), lr=lr, **fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return opt, sched
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+    return opt, lr_sched
 
 
-def optimizer_step(loss, model, opt, sched, grad_clip, ema=None):
-    """backward, clip the gradient norm, Adam step, LR schedule step, EMA update; returns the gradient norm
-    (a device tensor: reading it is the caller's choice, so there is no host sync here)."""
+def optimizer_step(loss, model, opt, lr_sched, grad_clip, ema=None):
+    """backward, clip the gradient norm, Adam step, learning-rate schedule step, EMA update; returns the gradient
+    norm (a device tensor: reading it is the caller's choice, so there is no host sync here)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
-    sched.step()
+    lr_sched.step()
     if ema is not None:
         ema.update_parameters(model)
     return gnorm
@@ -514,17 +535,82 @@ def make_ema(model, decay):
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update)
 
 
-class Progress:
-    """One line per report: step, loss, it/s, ETA."""
+def macs_per_image(model, *example):
+    """Multiply-accumulates of one forward pass on one image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*example)
+    return counter.get_total_flops() // 2
 
-    def __init__(self, total, start=0, what="step"):
-        self.total, self.start, self.what, self.t0 = total, start, what, time.time()
+
+class Budget:
+    """When training stops: after `steps` steps and/or `minutes` minutes of training in all, whichever comes first.
+
+    Time trained before a --resume (`seconds_done`, kept in the checkpoint) counts towards `minutes`. Under
+    torchrun the ranks' clocks differ slightly, so the time is read every `sync_every` steps and rank 0's
+    decision is broadcast: all ranks stop at the same step.
+    """
+
+    def __init__(self, steps=None, minutes=None, seconds_done=0.0, world=1, sync_every=20, device="cpu"):
+        self.steps, self.minutes, self.done_before = steps, minutes, seconds_done
+        self.world, self.sync_every, self.device = world, sync_every, device
+        self.t0 = time.monotonic()
+
+    def seconds(self):
+        """Training seconds in all, this run and the runs before --resume."""
+        return self.done_before + time.monotonic() - self.t0
+
+    def over(self, step):
+        if self.steps is not None and step >= self.steps:
+            return True
+        if self.minutes is None:
+            return False
+        if self.world == 1:
+            return self.seconds() >= 60 * self.minutes
+        if step % self.sync_every:
+            return False
+        import torch.distributed as dist
+        flag = torch.tensor(float(self.seconds() >= 60 * self.minutes), device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+class Progress:
+    """One line per report: step, the values given (loss, ...), counted MACs, it/s, and time against the budget."""
+
+    def __init__(self, budget, start=0, macs_per_step=None, what="step"):
+        self.budget, self.start, self.macs_per_step, self.what, self.t0 = budget, start, macs_per_step, what, time.monotonic()
 
     def line(self, step, **values):
-        rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        rate = (step - self.start) / max(time.monotonic() - self.t0, 1e-9)
         extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-        return f"{self.what} {step}/{self.total} {extra} {rate:.2f} it/s ETA {_hms(eta)}".replace("  ", " ")
+        total = f"/{self.budget.steps}" if self.budget.steps is not None else ""
+        macs = f" MACs {self.macs_per_step * step:.3g}" if self.macs_per_step else ""
+        clock = f" {_hms(self.budget.seconds())}"
+        if self.budget.minutes is not None:
+            clock += f"/{_hms(60 * self.budget.minutes)}"
+        elif self.budget.steps is not None and rate > 0:
+            clock += f" ETA {_hms((self.budget.steps - step) / rate)}"
+        return f"{self.what} {step}{total} {extra}{macs} {rate:.2f} it/s{clock}".replace("  ", " ")
+
+
+def _hms(sec):
+    if not math.isfinite(sec):
+        return "?"
+    sec = int(sec)
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+def every(n, what="sampling step", total=None):
+    """A progress callback for the samplers (callback(k, t, x) after step k): a line to stderr every n steps."""
+
+    def report(k, t, x):
+        if (k + 1) % n == 0:
+            print(f"{what} {k + 1}{'' if total is None else f'/{total}'} (t = {t})", file=sys.stderr, flush=True)
+    return report
+
+
+# ---- faults: Ctrl-C and non-finite values
 
 
 class StopOnInterrupt:
@@ -546,64 +632,37 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _hms(sec):
-    if not math.isfinite(sec):
-        return "?"
-    sec = int(sec)
-    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss or gradient norm was NaN/inf: no host sync per step.
+    Read it (one sync) with the logged loss and always before writing a checkpoint or samples."""
+
+    def __init__(self, device):
+        self.first = torch.full((), -1, device=device, dtype=torch.long)
+
+    def update(self, step, *values):
+        ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
+        self.first = torch.where((self.first < 0) & ~ok, torch.full_like(self.first, step), self.first)
+
+    def found(self):
+        return self.first.item() >= 0
 
 
-def data_shape(data, data_dir="data"):
-    """(C, H) of a data set without downloading it (for --bench), or of a .pt/.npy file."""
-    known = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
-    if data in known:
-        return known[data]
-    x = load_images(data, data_dir)
-    return x.shape[1], x.shape[2]
+def stop_if_interrupted_or_bad(stop, bad, save, step, rank, script, out):
+    """After the loop: Ctrl-C -> save and exit 130 with how to resume; NaN/inf -> stop, naming the step.
+    Either way no non-finite weight is written (save() checks `bad`)."""
+    ckpt = os.path.join(out, "ckpt.pt")
+    if stop.requested:
+        save(step)
+        if rank == 0 and not bad.found():
+            print(f"interrupted at step {step}; checkpoint written to {ckpt}. "
+                  f"Resume with: python {script} --train --resume --out {out}", file=sys.stderr)
+        raise SystemExit(130)
+    if bad.found():
+        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
+                         f"The last good checkpoint is {ckpt} (try a lower --lr, check the data).")
 
 
-def macs_per_image(model, *example):
-    """Multiply-accumulates of one forward pass on one image, counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*example)
-    return counter.get_total_flops() // 2
-
-
-def benchmark(model, train_step, sample_call, batch_size, device, macs, precision="auto", warmup=3, iters=10):
-    """Time `train_step()` (one optimiser step on a batch) and `sample_call()` (one network evaluation of a
-    sampling batch), after `warmup` untimed calls each (torch.compile's compilation included there)."""
-
-    def timed(fn):
-        for _ in range(warmup):
-            fn()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / iters
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_train = timed(train_step)
-    with torch.no_grad():
-        t_eval = timed(sample_call)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:  # ru_maxrss is KiB on Linux, bytes on macOS
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if platform.system() == "Darwin" else 2 ** 10)
-    return json.dumps(dict(
-        params=sum(p.numel() for p in model.parameters()), macs_per_image=macs, batch_size=batch_size,
-        train_img_per_s=round(batch_size / t_train, 2), sample_evals_per_s=round(1 / t_eval, 3),
-        sample_img_evals_per_s=round(batch_size / t_eval, 2), peak_mem_mib=round(peak, 1), device=str(device),
-        dtype="bf16 autocast" if bf16_enabled(device, precision) else "fp32", torch=torch.__version__,
-        threads=torch.get_num_threads()))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
+# ---- checkpoints
 
 
 class CheckpointError(Exception):
@@ -658,7 +717,8 @@ def save_checkpoint(path, obj):
 def load_checkpoint(path, kind=None):
     """Load a checkpoint written by one of the scripts (weights_only=True: loading can't run code).
 
-    Returns the dict: 'kind' (script), 'args' (plain values), 'model' and 'ema' state_dicts, 'step', ...
+    Returns the dict: 'kind' (script), 'args' (plain values), 'model' and 'ema' state_dicts, 'step',
+    'train_seconds', ...
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path} (train first with --train, or point --out at the run's folder)")
@@ -673,42 +733,37 @@ def load_checkpoint(path, kind=None):
     return ck
 
 
-def check_same(ck_args, args, keys, path):
+def check_same(saved, args, keys, path):
     """Refuse to resume when the model or data shape differs from the checkpoint's, naming each difference."""
-    diff = [f"{k}: checkpoint {ck_args.get(k)!r}, now {args[k]!r}" for k in keys if ck_args.get(k) != args[k]]
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {args[k]!r}" for k in keys if saved.get(k) != args[k]]
     if diff:
         raise CheckpointError(f"{path} was trained with a different model or data shape:\n  " + "\n  ".join(diff))
 
 
-def training_state(kind, args, step, model, opt, sched, ema=None):
+def training_state(kind, args, step, seconds, model, opt, lr_sched, ema=None):
     """Everything --resume needs, as state_dicts of the unwrapped modules and plain values (weights_only-safe)."""
-    state = dict(kind=kind, args=args, step=step, model=unwrap(model).state_dict(), opt=opt.state_dict(),
-                 sched=sched.state_dict(), rng=rng_state())
+    state = dict(kind=kind, args=args, step=step, train_seconds=seconds, model=unwrap(model).state_dict(),
+                 opt=opt.state_dict(), sched=lr_sched.state_dict(), rng=rng_state())
     if ema is not None:
         state.update(ema=ema.module.state_dict(), ema_n=int(ema.n_averaged.item()))
     return state
 
 
-def restore_training(ck, model, opt, sched, ema=None):
-    """Load a training_state() dict back into fresh objects; returns the step to continue from."""
+def resume(ckpt_path, kind, ck_args, keys, model, opt, lr_sched, ema=None, rank=0):
+    """--resume: load OUT/ckpt.pt, refuse a different model or data shape, restore everything; returns
+    (step, training seconds so far)."""
+    ck = load_checkpoint(ckpt_path, kind=kind)
+    check_same(ck["args"], ck_args, keys, ckpt_path)
     model.load_state_dict(ck["model"])
     if ema is not None:
         ema.module.load_state_dict(ck["ema"])
         ema.n_averaged.fill_(ck["ema_n"])
     opt.load_state_dict(ck["opt"])
-    sched.load_state_dict(ck["sched"])
+    lr_sched.load_state_dict(ck["sched"])
     set_rng_state(ck["rng"])
-    return ck["step"]
-
-
-def resume(ckpt_path, kind, ck_args, keys, model, opt, sched, ema=None, rank=0):
-    """--resume: load OUT/ckpt.pt, refuse a different model or data shape, restore everything; returns the step."""
-    ck = load_checkpoint(ckpt_path, kind=kind)
-    check_same(ck["args"], ck_args, keys, ckpt_path)
-    step = restore_training(ck, model, opt, sched, ema)
     if rank == 0:
-        print(f"resumed from {ckpt_path} at step {step}", flush=True)
-    return step
+        print(f"resumed from {ckpt_path} at step {ck['step']}", flush=True)
+    return ck["step"], ck.get("train_seconds", 0.0)
 
 
 def wrap(model, world, device, compile_model):
@@ -719,45 +774,67 @@ def wrap(model, world, device, compile_model):
     return torch.compile(net) if compile_model else net
 
 
-class NonFiniteWatch:
-    """Remembers, on the device, the first step whose loss or gradient norm was NaN/inf: no host sync per step.
-    Read it (one sync) with the logged loss and always before writing a checkpoint or samples."""
-
-    def __init__(self, device):
-        self.first = torch.full((), -1, device=device, dtype=torch.long)
-
-    def update(self, step, *values):
-        ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
-        self.first = torch.where((self.first < 0) & ~ok, torch.full_like(self.first, step), self.first)
-
-    def found(self):
-        return self.first.item() >= 0
+# ---- --bench
 
 
-def stop_if_interrupted_or_bad(stop, bad, save, step, rank, script, out):
-    """After the loop: Ctrl-C -> save and exit 130 with how to resume; NaN/inf -> stop, naming the step.
-    Either way no non-finite weight is written (save() checks `bad`)."""
-    ckpt = os.path.join(out, "ckpt.pt")
-    if stop.requested:
-        save(step)
-        if rank == 0 and not bad.found():
-            print(f"interrupted at step {step}; checkpoint written to {ckpt}. "
-                  f"Resume with: python {script} --train --resume --out {out}", file=sys.stderr)
-        raise SystemExit(130)
-    if bad.found():
-        raise SystemExit(f"error: non-finite loss or gradient at step {bad.first.item()}; training stopped. "
-                         f"The last good checkpoint is {ckpt} (try a lower --lr, check the data).")
+def bench(model, args, device, loss, sample_call, example, ema=True):
+    """--bench: time training steps and sampling network calls; returns one JSON line.
+
+    loss(net) computes the training loss on a fixed batch of args.batch_size images with the network `net`
+    (the model, compiled with --compile); sample_call(net) makes one sampling network call on such a batch;
+    example is one image's network inputs, for the MAC count. Each is called 3 times untimed (compilation
+    included), then 10 times timed.
+    """
+    opt, lr_sched = make_optimizer(model, args.lr, args.warmup)
+    avg = make_ema(model, args.ema_decay) if ema else None
+    net = torch.compile(model) if args.compile else model
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def train_step():
+        with autocast(device, args.precision):
+            value = loss(net)
+        optimizer_step(value, model, opt, lr_sched, args.grad_clip, avg)
+
+    def sample_step():
+        with torch.no_grad(), autocast(device, args.precision):
+            sample_call(net)
+
+    def timed(fn, warmup=3, iters=10):
+        for _ in range(warmup):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / iters
+
+    macs = macs_per_image(model, *example)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_train, t_eval = timed(train_step), timed(sample_step)
+    B = args.batch_size
+    return json.dumps(dict(
+        params=sum(p.numel() for p in model.parameters()), macs_per_image=macs, batch_size=B,
+        train_img_per_s=round(B / t_train, 2), sample_evals_per_s=round(1 / t_eval, 3),
+        sample_img_evals_per_s=round(B / t_eval, 2), peak_mem_mib=_peak_mib(device), device=str(device),
+        dtype="bf16 autocast" if bf16_enabled(device, args.precision) else "fp32", torch=torch.__version__,
+        threads=torch.get_num_threads()))
 
 
-def pause_if_asked(step):
-    """For the kill test only: PAUSE_AFTER_CHECKPOINT=<step> makes the process wait right after that checkpoint."""
-    if os.environ.get("PAUSE_AFTER_CHECKPOINT") == str(step):
-        print(f"paused after checkpoint {step}", flush=True)
-        time.sleep(3600)
+def _peak_mib(device):
+    """Peak memory of this process in MiB: the CUDA allocator's, or the resident set's (Unix only; None elsewhere)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if platform.system() == "Darwin" else 2 ** 10), 1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# PNG grid (zlib only: no Pillow, no torchvision)
+# ---- PNG grid (zlib only: no Pillow, no torchvision)
 
 
 def write_png(path, images, nrow=None, pad=2):
@@ -813,8 +890,7 @@ def check_writable(folder):
         raise OSError(f"output folder {folder} can't be written: {e.strerror or e}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# distributed (torchrun)
+# ---- torchrun
 
 
 def setup_distributed(device_name="auto"):

@@ -417,15 +417,30 @@ def flatten(d, prefix=""):
     return {k: (v if torch.is_tensor(v) else torch.tensor(0.0)) for k, v in out.items()}
 
 
+# Runs a script's main() in a child process that stops right after writing the checkpoint of step 3 and
+# waits to be killed: the fixed kill point of the test below, set from inside the test, not the product code.
+PAUSE_AFTER_STEP_3 = """
+import sys, time, common
+save = common.save_checkpoint
+def save_then_pause(path, obj):
+    save(path, obj)
+    if isinstance(obj, dict) and obj.get("step") == 3:
+        print("paused after checkpoint 3", flush=True)
+        time.sleep(3600)
+common.save_checkpoint = save_then_pause
+module = __import__(sys.argv[1])
+sys.exit(module.main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(name, tmp_path, tiny_pt):
     module = SCRIPTS[name][0]
     ref = tmp_path / "ref"
     module.main(train_argv(name, ref, tiny_pt, 6))
     killed = tmp_path / "killed"
-    env = dict(os.environ, PAUSE_AFTER_CHECKPOINT="3")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, name + ".py"), *train_argv(name, killed, tiny_pt, 6)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_STEP_3, name, *train_argv(name, killed, tiny_pt, 6)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
     try:
         for line in proc.stdout:
             if line.startswith("paused after checkpoint 3"):

@@ -21,8 +21,8 @@ import common
 
 LOG_2PI = math.log(2 * math.pi)
 
-# ----------------------------------------------------------------------------------------------------------
-# model: encoder q_φ(v|x) and decoder u_θ(v)
+# ==========================================================================================================
+# VAE: encoder q_φ(v|x), reparameterisation, KL, the Gaussian decoder, ELBO, the notes' loss, generation
 
 
 class VAE(nn.Module):
@@ -77,7 +77,8 @@ class VAE(nn.Module):
 
 
 def reparameterize(mu, log_var, eps=None, generator=None):
-    """v = U + σ ⊙ ε, ε ~ N(0, I), with σ = exp(log σ^2 / 2).
+    """A draw of v ~ q_φ(v|x) = N(U, diag(σ^2)) as a differentiable function of (U, log σ^2); eps: given noise
+    of shape (..., B, d), or None to draw it.
 
     NOTES ERROR (VAE, 重参数化): the notes write v = U + σ^2 ⊗ ε. The standard deviation of q_φ(v|x) is σ, not σ^2:
     with σ^2 in front, v would have variance σ^4 and the samples would not come from N(U, diag(σ^2)) whose KL
@@ -85,74 +86,51 @@ def reparameterize(mu, log_var, eps=None, generator=None):
     """
     if eps is None:
         eps = torch.randn(mu.shape, device=mu.device, generator=generator)
+    # VAE (重参数化): v = U + σ ⊙ ε, ε ~ N(0, I), σ = exp(log σ^2 / 2)
     return mu + torch.exp(0.5 * log_var) * eps
 
 
 def kl_to_standard_normal(mu, log_var):
     """D_KL[q_φ(v|x) || N(0, I)] per example, summed over the d latent dimensions.
 
-    VAE: D_KL = 1/2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
     NOTES ERROR (VAE, intro): the notes' first paragraph calls the loss KL(N || N_g), prior first; the KL the
     derivation (and this function) computes is KL(q_φ(v|x) || p(v)) = KL(N_g || N). The two differ for σ ≠ 1.
     """
+    # VAE: D_KL = 1/2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
     return 0.5 * (log_var.exp() + mu ** 2 - log_var - 1).sum(dim=1)
 
 
 def log_px_given_v(out, x, likelihood, sigma_x=None):
-    """log p_θ(x|v) per example (nats), from the decoder's output: the mean u_θ(v) (gaussian) or logits (bernoulli).
+    """log p_θ(x|v) per example (nats), from the decoder's output: the mean u_θ(v) (gaussian, the notes') or the
+    logits (bernoulli, below the notes' part of this file).
 
-    gaussian (the notes): p_θ(x|v) = N(x; u_θ(v), σ^2 I), log p = -n log(sqrt(2π) σ) - ||x - u_θ(v)||^2 / (2σ^2).
     NOTES ERROR (VAE): the notes' density has the normaliser 1/(2 π^{n/2} σ^n); a Gaussian's is 1/((2π)^{n/2} σ^n).
     Their log-density line, -n log(sqrt(2π) σ), is the right one and is what this computes.
-    bernoulli: log p = Σ x log u + (1-x) log(1-u) with u = sigmoid(logits), for binary x.
     """
-    if likelihood == "gaussian":
-        n = x[0].numel()
-        return -n * (0.5 * LOG_2PI + math.log(sigma_x)) - ((x - out) ** 2).flatten(1).sum(1) / (2 * sigma_x ** 2)
-    return -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+    if likelihood == "bernoulli":
+        return bernoulli_log_likelihood(out, x)
+    n = x[0].numel()
+    # VAE: log p_θ(x|v) = -n log(sqrt(2π) σ) - ||x - u_θ(v)||^2 / (2σ^2),  p_θ(x|v) = N(x; u_θ(v), σ^2 I)
+    return -n * (0.5 * LOG_2PI + math.log(sigma_x)) - ((x - out) ** 2).flatten(1).sum(1) / (2 * sigma_x ** 2)
 
 
 def elbo(model, x, likelihood=None, sigma_x=0.1, generator=None):
-    """The ELBO per example in nats, with one sample of v (the notes: 抽样一次就够了). likelihood=None: the model's.
-
-    VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)]
-    """
+    """The ELBO per example in nats, with one sample of v (the notes: 抽样一次就够了). likelihood=None: the model's."""
     likelihood = likelihood or getattr(model, "likelihood", "gaussian")
     out, mu, log_var = model(x, generator=generator)
+    # VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)], the expectation by one draw of v
     return log_px_given_v(out, x, likelihood, sigma_x) - kl_to_standard_normal(mu, log_var)
 
 
 def notes_loss(x, x_mean, mu, log_var, sigma_x):
-    """The notes' final Gaussian loss, per example, which is -2σ^2 (L + n log(sqrt(2π) σ)):
+    """The notes' final Gaussian loss, per example, which is -2σ^2 (L + n log(sqrt(2π) σ)).
 
-    VAE: min ||x - u_θ(v)||^2 + σ^2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
     NOTES ERROR (VAE, final loss): the notes write u_φ(x)_i, not u_φ(x)_i^2, inside the sum (the KL line above it
     has the square). Without it the loss is linear in the mean and is minimised by pushing U to -infinity.
     (Dropping the constant -1, as the notes do, does not change the minimiser.)
     """
+    # VAE: min ||x - u_θ(v)||^2 + σ^2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
     return ((x - x_mean) ** 2).flatten(1).sum(1) + sigma_x ** 2 * (log_var.exp() + mu ** 2 - log_var - 1).sum(1)
-
-
-@torch.no_grad()
-def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=50_000):
-    """log (1/k) Σ_j p_θ(x, v_j) / q_φ(v_j|x), v_j ~ q_φ(v|x), per example in nats (IWAE; k = 1 is the ELBO).
-
-    The bound rises towards log p_θ(x) as k grows; logsumexp keeps the sum of k tiny ratios finite.
-    """
-    likelihood = likelihood or getattr(model, "likelihood", "gaussian")
-    out = []
-    per = max(1, chunk // k)
-    for xb in x.split(per):
-        B = xb.shape[0]
-        mu, log_var = model.encode(xb)
-        eps = torch.randn((k, *mu.shape), device=mu.device, generator=generator)
-        v = mu + torch.exp(0.5 * log_var) * eps  # (k, B, d)
-        xr = xb.expand(k, *xb.shape).reshape(k * B, *xb.shape[1:])
-        log_px = log_px_given_v(model.decode(v.reshape(k * B, -1)), xr, likelihood, sigma_x).reshape(k, B)
-        log_pv = (-0.5 * (v ** 2 + LOG_2PI)).sum(-1)
-        log_qv = (-0.5 * (eps ** 2 + LOG_2PI) - 0.5 * log_var).sum(-1)
-        out.append(torch.logsumexp(log_px + log_pv - log_qv, dim=0) - math.log(k))
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -164,11 +142,23 @@ def generate(model, n, generator=None, sigma_x=None):
     deviation σ. The notes then drop the noise, as this function does by default.
     """
     device = next(model.parameters()).device
+    # VAE (推理): v ~ N(0, I), the encoder discarded
     v = torch.randn((n, model.latent_dim), device=device, generator=generator)
     mean = model.decoder_mean(v)
     if sigma_x is None:
         return mean
+    # VAE: x = u_θ(v) + σ ε, ε ~ N(0, I), a draw from p_θ(x|v) = N(u_θ(v), σ^2 I)
     return mean + sigma_x * torch.randn(mean.shape, device=device, generator=generator)
+
+
+# ==========================================================================================================
+# Beyond the notes: the Bernoulli decoder, discrete likelihoods, the IWAE bound
+
+
+def bernoulli_log_likelihood(logits, x):
+    """log p_θ(x|v) of a Bernoulli decoder for binary x, from the logits of u_θ(v) = sigmoid(logits)."""
+    # log p = Σ x log u + (1-x) log(1-u), u = sigmoid(logits)
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
 
 def prepare(x01, likelihood, generator):
@@ -180,7 +170,9 @@ def prepare(x01, likelihood, generator):
     """
     u = torch.rand(x01.shape, device=x01.device, generator=generator)
     if likelihood == "bernoulli":
+        # dynamic binarisation: x_b ~ Bernoulli(x), i.e. x_b = [u < x], u ~ U[0, 1)
         return (u < x01).float()
+    # uniform dequantisation: y = (k + u) / 256 for the 8-bit level k = 255 x, u ~ U[0, 1)
     return (torch.round(x01 * 255) + u) / 256
 
 
@@ -188,11 +180,37 @@ def bits_per_dim(nats, D, likelihood):
     """nats per image -> bits per dimension; the Gaussian density on [0,1]^D gets the log 256 per dimension of
     the dequantisation (its value is then -log2 of a probability of 8-bit data, never negative)."""
     extra = D * math.log(256) if likelihood == "gaussian" else 0.0
+    # -log2 P(x) / D with -log P(x) <= -E_u log p(y) + D log 256 for the dequantised density
     return (nats + extra) / (D * math.log(2))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# CLI
+@torch.no_grad()
+def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=50_000):
+    """The IWAE bound (Burda et al. 2016) per example in nats, k draws v_j ~ q_φ(v|x); k = 1 is the ELBO.
+
+    The bound rises towards log p_θ(x) as k grows; logsumexp keeps the sum of k tiny ratios finite.
+    """
+    likelihood = likelihood or getattr(model, "likelihood", "gaussian")
+    out = []
+    per = max(1, chunk // k)
+    for xb in x.split(per):
+        B = xb.shape[0]
+        mu, log_var = model.encode(xb)
+        eps = torch.randn((k, *mu.shape), device=mu.device, generator=generator)
+        v = reparameterize(mu, log_var, eps)  # (k, B, d)
+        xr = xb.expand(k, *xb.shape).reshape(k * B, *xb.shape[1:])
+        log_px = log_px_given_v(model.decode(v.reshape(k * B, -1)), xr, likelihood, sigma_x).reshape(k, B)
+        # log p(v) = log N(v; 0, I) = Σ_i -1/2 (v_i^2 + log 2π)
+        log_pv = (-0.5 * (v ** 2 + LOG_2PI)).sum(-1)
+        # log q_φ(v|x) = log N(v; U, diag(σ^2)) = Σ_i -1/2 (ε_i^2 + log 2π + log σ_i^2), since (v - U)/σ = ε
+        log_qv = (-0.5 * (eps ** 2 + LOG_2PI) - 0.5 * log_var).sum(-1)
+        # IWAE: log (1/k) Σ_j p_θ(x, v_j) / q_φ(v_j|x),  p_θ(x, v) = p_θ(x|v) p(v)
+        out.append(torch.logsumexp(log_px + log_pv - log_qv, dim=0) - math.log(k))
+    return torch.cat(out)
+
+
+# ==========================================================================================================
+# Command line: recipe, training loop, sampling, --eval, --bench
 
 RECIPE = dict(steps=10_000, batch_size=128, lr=1e-3, warmup=0)  # CPU and GPU alike: the MLP is tiny
 MODEL_KEYS = ("kind", "in_ch", "image_size", "latent_dim", "hidden", "arch", "likelihood", "sigma_x")
@@ -239,10 +257,7 @@ def main(argv=None):
             train(args, rank, world, device)
         if rank == 0 and (args.sample or args.reconstruct or args.eval):
             ck = common.load_checkpoint(os.path.join(args.out, "ckpt.pt"), kind="vae")
-            a = ck["args"]
-            model = VAE(a["in_ch"], a["image_size"], a["latent_dim"], a["hidden"], a["arch"], a["likelihood"])
-            model.load_state_dict(ck["model"])
-            model = model.to(device).eval()
+            model = model_from_checkpoint(ck, device)
             g = torch.Generator(device=device).manual_seed(args.seed)
             if args.sample:
                 png, _ = common.save_samples(args.out, "samples", generate(model, args.sample, g))
@@ -252,31 +267,79 @@ def main(argv=None):
             if args.reconstruct:
                 reconstruct(args, model, x[:32], g)
             if args.eval:
-                evaluate(args, a, model, x, g, ck["step"])
+                evaluate(args, ck["args"], model, x, g, ck["step"])
     except (common.DataError, common.CheckpointError, ValueError, OSError) as e:
         p.error(str(e))
     return 0
 
 
-def bench(args, device):
-    """--bench: one training step and one decoder call (what generation costs), timed on random data."""
-    C, H = common.data_shape(args.data, args.data_dir)
-    common.fill_recipe(args, device, RECIPE, RECIPE)
-    torch.manual_seed(args.seed)
+def train(args, rank, world, device):
+    data = common.load_images(args.data, args.data_dir, "train")
+    N, C, H, W = data.shape
+    if H != W:
+        raise common.DataError(f"{args.data}: images are {H}x{W}; use square images")
+    torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
+    recipe = common.fill_recipe(args, device, RECIPE, RECIPE)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} does not split evenly over {world} ranks")
     model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
-    opt, sched = common.make_optimizer(model, args.lr, args.warmup)
-    net = torch.compile(model) if args.compile else model
-    B = args.batch_size
-    x = prepare(torch.rand(B, C, H, H, device=device), args.likelihood, None)
-    v = torch.randn(B, args.latent_dim, device=device)
+    ck_args = dict(kind="vae", in_ch=C, image_size=H, latent_dim=args.latent_dim, hidden=args.hidden, arch=args.arch,
+                   likelihood=args.likelihood, sigma_x=args.sigma_x, seed=args.seed, data=args.data,
+                   steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    macs = common.macs_per_image(model, torch.zeros(1, C, H, W, device=device))
+    if rank == 0:
+        common.check_writable(args.out)
+        print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder, {macs / 1e6:.2f}M MACs per "
+              f"image; {N} images {C}x{H}x{W}; device {device}", flush=True)
+    data = data.to(device)
+    opt, lr_sched = common.make_optimizer(model, args.lr, args.warmup)
+    step, seconds = 0, 0.0
+    if args.resume:
+        step, seconds = common.resume(ckpt_path, "vae", ck_args, MODEL_KEYS, model, opt, lr_sched, rank=rank)
+    net = common.wrap(model, world, device, args.compile)
+    budget = common.Budget(args.steps, args.minutes, seconds, world, device=device)
+    bad = common.NonFiniteWatch(device)
 
-    def train_step():
-        with common.autocast(device, args.precision):
-            loss = -elbo(net, x, args.likelihood, args.sigma_x).mean()
-        common.optimizer_step(loss, model, opt, sched, args.grad_clip)
+    def save(step):
+        if rank == 0 and not bad.found():
+            common.save_checkpoint(ckpt_path, common.training_state("vae", ck_args, step, budget.seconds(), model, opt, lr_sched))
 
-    print(common.benchmark(model, train_step, lambda: model.decode(v), B, device, common.macs_per_image(model, x[:1]), args.precision))
-    return 0
+    # ---- training: maximise the ELBO, i.e. minimise -L averaged over the batch (nats per image)
+    bar = common.Progress(budget, start=step, macs_per_step=3 * macs * args.batch_size)
+    lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
+    done = budget.over(step)
+    with common.StopOnInterrupt() as stop:
+        while not done and not stop.requested:
+            g = common.step_generator(args.seed, step, device)
+            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)[lo:hi]
+            x = prepare(common.to_range(data[idx], 0), args.likelihood, g)
+            with common.autocast(device, args.precision):
+                loss = -elbo(net, x, args.likelihood, args.sigma_x, g).mean()
+            gnorm = common.optimizer_step(loss, model, opt, lr_sched, args.grad_clip)
+            step += 1
+            bad.update(step, loss, gnorm)
+            done = budget.over(step)
+            if step % args.log_every == 0 or done:
+                if bad.found():
+                    break
+                if rank == 0:
+                    print(bar.line(step, loss=loss.item()), flush=True)
+            if step % args.ckpt_every == 0 or done:
+                save(step)
+    common.stop_if_interrupted_or_bad(stop, bad, save, step, rank, "vae.py", args.out)
+    if rank == 0:
+        model.eval()
+        png, _ = common.save_samples(args.out, "samples", generate(model, 64, torch.Generator(device).manual_seed(args.seed)))
+        print(f"wrote {png}")
+
+
+def model_from_checkpoint(ck, device):
+    """The VAE of a checkpoint, ready to sample, reconstruct and evaluate."""
+    saved = ck["args"]
+    model = VAE(saved["in_ch"], saved["image_size"], saved["latent_dim"], saved["hidden"], saved["arch"], saved["likelihood"])
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval()
 
 
 def test_images(args, model, device):
@@ -298,77 +361,32 @@ def reconstruct(args, model, x, g):
 
 
 @torch.no_grad()
-def evaluate(args, a, model, x, g, step):
+def evaluate(args, saved, model, x, g, step):
     x = x[:args.eval_n] if args.eval_n else x
     t0 = time.time()
-    y = prepare(x, a["likelihood"], g)  # one fixed binarisation / dequantisation of the test set
-    neg_elbo = torch.cat([-elbo(model, yb, a["likelihood"], a["sigma_x"], g) for yb in y.split(1000)])
-    nll = -iwae_bound(model, y, args.k, a["likelihood"], a["sigma_x"], g)
+    y = prepare(x, saved["likelihood"], g)  # one fixed binarisation / dequantisation of the test set
+    neg_elbo = torch.cat([-elbo(model, yb, saved["likelihood"], saved["sigma_x"], g) for yb in y.split(1000)])
+    nll = -iwae_bound(model, y, args.k, saved["likelihood"], saved["sigma_x"], g)
     D = x[0].numel()
     for name, v in (("negative ELBO", neg_elbo), (f"IWAE NLL (k={args.k})", nll)):
         se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-        print(f"{name}: {v.mean():.2f} ± {se:.2f} nats/image, {bits_per_dim(v.mean().item(), D, a['likelihood']):.4f} bits/dim")
-    print(f"({len(x)} test images of {args.data}, {a['likelihood']} decoder"
-          f"{', dynamically binarised' if a['likelihood'] == 'bernoulli' else ', dequantised 8-bit'}, "
+        print(f"{name}: {v.mean():.2f} ± {se:.2f} nats/image, {bits_per_dim(v.mean().item(), D, saved['likelihood']):.4f} bits/dim")
+    print(f"({len(x)} test images of {args.data}, {saved['likelihood']} decoder"
+          f"{', dynamically binarised' if saved['likelihood'] == 'bernoulli' else ', dequantised 8-bit'}, "
           f"step {step}, {time.time() - t0:.1f}s)")
 
 
-def train(args, rank, world, device):
-    data = common.load_images(args.data, args.data_dir, "train")
-    N, C, H, W = data.shape
-    if H != W:
-        raise common.DataError(f"{args.data}: images are {H}x{W}; use square images")
-    torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
-    recipe = common.fill_recipe(args, device, RECIPE, RECIPE)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} does not split evenly over {world} ranks")
+def bench(args, device):
+    """--bench: one training step and one decoder call (what generation costs), timed on random data."""
+    C, H = common.data_shape(args.data, args.data_dir)
+    common.fill_recipe(args, device, RECIPE, RECIPE)
+    torch.manual_seed(args.seed)
     model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
-    ck_args = dict(kind="vae", in_ch=C, image_size=H, latent_dim=args.latent_dim, hidden=args.hidden, arch=args.arch,
-                   likelihood=args.likelihood, sigma_x=args.sigma_x, seed=args.seed, data=args.data,
-                   steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if rank == 0:
-        common.check_writable(args.out)
-        print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder; {N} images {C}x{H}x{W}; "
-              f"device {device}", flush=True)
-    data = data.to(device)
-    opt, sched = common.make_optimizer(model, args.lr, args.warmup)
-    step = 0
-    if args.resume:
-        step = common.resume(ckpt_path, "vae", ck_args, MODEL_KEYS, model, opt, sched, rank=rank)
-    net = common.wrap(model, world, device, args.compile)
-    bad = common.NonFiniteWatch(device)
-
-    def save(step):
-        if rank == 0 and not bad.found():
-            common.save_checkpoint(ckpt_path, common.training_state("vae", ck_args, step, model, opt, sched))
-            common.pause_if_asked(step)
-
-    # ---- training: maximise the ELBO, i.e. minimise -L averaged over the batch (nats per image)
-    bar = common.Progress(args.steps, start=step)
-    lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
-    with common.StopOnInterrupt() as stop:
-        while step < args.steps and not stop.requested:
-            g = common.step_generator(args.seed, step, device)
-            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)[lo:hi]
-            x = prepare(common.to_range(data[idx], 0), args.likelihood, g)
-            with common.autocast(device, args.precision):
-                loss = -elbo(net, x, args.likelihood, args.sigma_x, g).mean()
-            gnorm = common.optimizer_step(loss, model, opt, sched, args.grad_clip)
-            step += 1
-            bad.update(step, loss, gnorm)
-            if step % args.log_every == 0 or step == args.steps:
-                if bad.found():
-                    break
-                if rank == 0:
-                    print(bar.line(step, loss=loss.item()), flush=True)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                save(step)
-    common.stop_if_interrupted_or_bad(stop, bad, save, step, rank, "vae.py", args.out)
-    if rank == 0:
-        model.eval()
-        png, _ = common.save_samples(args.out, "samples", generate(model, 64, torch.Generator(device).manual_seed(args.seed)))
-        print(f"wrote {png}")
+    x = prepare(torch.rand(args.batch_size, C, H, H, device=device), args.likelihood, None)
+    v = torch.randn(args.batch_size, args.latent_dim, device=device)
+    print(common.bench(model, args, device, loss=lambda net: -elbo(net, x, args.likelihood, args.sigma_x).mean(),
+                       sample_call=lambda net: model.decode(v), example=(x[:1],), ema=False))
+    return 0
 
 
 if __name__ == "__main__":
