@@ -535,9 +535,6 @@ def parse(argv):
     args.sampler = args.sampler or "ancestral"
     if args.sampler == "ancestral" and args.sample_steps is not None:
         p.error("--sample-steps is for --sampler ddim or dpm++2m; the ancestral sampler takes T steps")
-    args.sample_steps = args.sample_steps or {"ancestral": args.T, "ddim": 50, "dpm++2m": 20}[args.sampler]
-    if args.sample_steps > args.T:
-        p.error(f"--sample-steps {args.sample_steps} > --T {args.T}")
     if args.ode and not args.eval:
         p.error("--ode goes with --eval")
     if args.ode and args.ode_steps > args.T - 1:
@@ -652,24 +649,37 @@ def model_from_checkpoint(ck, device):
     return model.to(device).eval(), schedule(saved["T"], saved["beta_1"], saved["beta_T"])
 
 
+def network_calls(args, sch):
+    """The sampler's number of network calls: T for ancestral sampling, else --sample-steps (default 50 for DDIM,
+    20 for DPM-Solver++, at most the checkpoint's T)."""
+    if args.sampler == "ancestral":
+        return sch.T
+    if args.sample_steps is None:
+        return min({"ddim": 50, "dpm++2m": 20}[args.sampler], sch.T)
+    if args.sample_steps > sch.T:
+        raise ValueError(f"--sample-steps {args.sample_steps} > T = {sch.T} of the model")
+    return args.sample_steps
+
+
 def draw(args, model, sch, device, n, generator, callback=None):
     """n samples in [-1, 1] with the sampler the flags choose; every sampler draws x_T first from `generator`."""
     shape = (n, model.in_ch, model.image_size, model.image_size)
+    steps = network_calls(args, sch)
     with common.autocast(device, args.precision):  # the network in bf16 where enabled; the updates stay fp32
         if args.sampler == "ddim":
-            return ddim_sample(model, sch, shape, args.sample_steps, args.eta, args.clip_x0, generator, callback)
+            return ddim_sample(model, sch, shape, steps, args.eta, args.clip_x0, generator, callback)
         if args.sampler == "dpm++2m":
-            return dpm_solver_sample(model, sch, shape, args.sample_steps, args.clip_x0, generator, callback)
+            return dpm_solver_sample(model, sch, shape, steps, args.clip_x0, generator, callback)
         return sample(model, sch, shape, args.var, args.clip_x0, generator, callback)
 
 
 def write_samples(args, model, sch, device, n):
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.time()
-    report = common.every(max(1, args.sample_steps // 10), f"{args.sampler} step", args.sample_steps)
-    x = draw(args, model, sch, device, n, g, report)
+    steps = network_calls(args, sch)
+    x = draw(args, model, sch, device, n, g, common.every(max(1, steps // 10), f"{args.sampler} step", steps))
     png, pt = common.save_samples(args.out, "samples", (x.clamp(-1, 1) + 1) / 2)
-    print(f"wrote {png} and {pt} ({n} samples, {args.sampler} with {args.sample_steps} network calls"
+    print(f"wrote {png} and {pt} ({n} samples, {args.sampler} with {steps} network calls"
           f"{', x̂_0 clipped' if args.clip_x0 else ''}, {time.time() - t0:.1f}s)")
 
 

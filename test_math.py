@@ -17,6 +17,14 @@ FEW = settings(max_examples=6, derandomize=True, deadline=None)
 D64 = torch.float64
 
 
+def grid(lo, hi, step, avoid=()):
+    """Values lo, lo+step, ..., hi, without `avoid`: under derandomize, st.floats draws mostly 0, the bounds and
+    subnormal numbers, where a wrong formula (σ^2 for σ, a missing x_t term) often gives the right answer."""
+    n = round((hi - lo) / step)
+    values = [round(lo + k * step, 10) for k in range(n + 1)]
+    return st.sampled_from([v for v in values if all(abs(v - a) > 1e-9 for a in avoid)])
+
+
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -55,7 +63,7 @@ def test_notes_error_betas_increase_not_decrease():
 
 
 @FEW
-@given(t=st.integers(1, 1000), x0=st.floats(-1, 1))
+@given(t=st.integers(1, 1000), x0=grid(-1, 1, 0.1, avoid=(0,)))
 def test_q_xt_given_x0_equals_running_the_chain(t, x0):
     # q(x_t|x_0) in closed form against running q(x_t|x_{t-1}) = N(sqrt(α_t) x_{t-1}, β_t) step by step
     M = 40_000
@@ -84,7 +92,7 @@ def notes_posterior_mean(t, x0, xt):
 
 
 @FEW
-@given(t=st.integers(2, 1000), x0=st.floats(-1, 1), xt=st.floats(-3, 3))
+@given(t=st.integers(2, 1000), x0=grid(-1, 1, 0.1, avoid=(0,)), xt=grid(-3, 3, 0.25, avoid=(0,)))
 def test_q_posterior_is_bayes_rule(t, x0, xt):
     mean, var = ddpm.q_posterior(S, torch.tensor([[x0]], dtype=D64), torch.tensor([[xt]], dtype=D64), torch.tensor([t]))
     m_ref, v_ref = bayes_posterior(t, x0, xt)
@@ -107,10 +115,12 @@ def test_notes_error_posterior_mean_uses_sqrt_alpha_t_not_sqrt_alpha_bar_t():
         assert not torch.allclose(notes_posterior_mean(t, x0, xt), m_ref, rtol=1e-2), t
 
 
-@pytest.mark.parametrize("t", [2, 50, 500])
-def test_q_posterior_by_monte_carlo_regression(t):
-    # draw (x_{t-1}, x_t) jointly given x_0 and regress x_{t-1} on x_t: slope, intercept, residual variance
-    M, x0 = 400_000, 0.7
+@FEW
+@given(t=st.integers(2, 1000), x0=grid(-1, 1, 0.1, avoid=(0,)))
+def test_q_posterior_by_monte_carlo_regression(t, x0):
+    # draw (x_{t-1}, x_t) jointly given x_0 by running the forward process, and regress x_{t-1} on x_t: the
+    # posterior mean is linear in x_t (slope, intercept) and its variance is the residual variance
+    M = 200_000
     g = gen(t)
     xprev = S.alpha_bar[t - 1].sqrt() * x0 + (1 - S.alpha_bar[t - 1]).sqrt() * torch.randn(M, generator=g, dtype=D64)
     xt = S.alpha[t].sqrt() * xprev + S.beta[t].sqrt() * torch.randn(M, generator=g, dtype=D64)
@@ -119,7 +129,6 @@ def test_q_posterior_by_monte_carlo_regression(t):
     intercept = xprev.mean() - slope * xt.mean()
     resid = xprev - intercept - slope * xt
     res_var = resid.var()
-    # the posterior mean is linear in x_t: mean(x_t) = slope x_t + intercept
     m0, var = ddpm.q_posterior(S, torch.tensor([[x0]], dtype=D64), torch.zeros(1, 1, dtype=D64), torch.tensor([t]))
     m1, _ = ddpm.q_posterior(S, torch.tensor([[x0]], dtype=D64), torch.ones(1, 1, dtype=D64), torch.tensor([t]))
     se_slope = res_var.sqrt() / (xc ** 2).sum().sqrt()
@@ -220,11 +229,44 @@ def test_ddim_eta0_is_deterministic_and_spans_T_to_0():
     assert seen[0] == 100 and len(set(seen)) == 7 and seen == sorted(seen, reverse=True)
 
 
+def test_loss_simple_draws_t_uniformly_from_1_to_T():
+    # 推导: t ~ U{1, ..., T}. t = 0 would be x_0 itself, with no noise to predict, and t = T must be reachable
+    # (it is the step the sampler starts from). Counts per t within 5 standard errors of uniform.
+    T, B, R = 4, 500, 40
+    sch = ddpm.schedule(T=T)
+    seen = []
+
+    def recorder(x, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    for r in range(R):
+        ddpm.loss_simple(recorder, sch, torch.zeros(B, 1, 2, 2), generator=gen(r))
+    t = torch.cat(seen)
+    assert t.min() == 1 and t.max() == T
+    counts = torch.bincount(t, minlength=T + 1)[1:].double()
+    n, p = B * R, 1 / T
+    assert_close_se(counts, n * p, math.sqrt(n * p * (1 - p)), what="count of each t")
+
+
+def test_sigma2_is_beta_tilde_or_beta():
+    # 逆扩散过程 / 推导: σ_t^2 = β̃_t = β_t (1-ᾱ_{t-1})/(1-ᾱ_t) or σ_t^2 = β_t, computed here from β alone; at t = 1
+    # both take β̃_2 (β̃_1 = 0 would make p_θ(x_0|x_1) a point mass)
+    beta = S.beta
+    alpha_bar = torch.cumprod(1 - beta, 0)
+    t = torch.arange(2, S.T + 1)
+    tilde = beta[t] * (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t])
+    assert torch.allclose(S.sigma2("beta_tilde")[2:], tilde, rtol=1e-12)
+    assert torch.allclose(S.sigma2("beta")[2:], beta[2:], rtol=1e-12)
+    assert S.sigma2("beta")[1] == S.sigma2("beta_tilde")[1] == tilde[0]
+    assert (S.sigma2("beta")[2:] > 1.5 * S.sigma2("beta_tilde")[2:]).any()  # the two choices differ
+
+
 # ---- the bound (L_T + sum L_{t-1} + L_0)
 
 
 @FEW
-@given(m1=st.floats(-3, 3), v1=st.floats(0.01, 4), m2=st.floats(-3, 3), v2=st.floats(0.01, 4))
+@given(m1=grid(-3, 3, 0.1), v1=grid(0.05, 4, 0.05, avoid=(1,)), m2=grid(-3, 3, 0.1), v2=grid(0.05, 4, 0.05, avoid=(1,)))
 def test_gaussian_kl_matches_torch_distributions(m1, v1, m2, v2):
     N = torch.distributions.Normal
     ref = torch.distributions.kl_divergence(N(torch.tensor(m1, dtype=D64), math.sqrt(v1)), N(torch.tensor(m2, dtype=D64), math.sqrt(v2)))
@@ -233,7 +275,7 @@ def test_gaussian_kl_matches_torch_distributions(m1, v1, m2, v2):
 
 
 @FEW
-@given(mean=st.floats(-1.5, 1.5), std=st.floats(1e-3, 2.0))
+@given(mean=grid(-1.5, 1.5, 0.01), std=grid(0.001, 2.0, 0.001))
 def test_discretised_decoder_bins_sum_to_one_and_match_cdf(mean, std):
     levels = torch.arange(256, dtype=D64) / 127.5 - 1  # the 256 values of 8-bit data in [-1, 1]
     m, v = torch.full_like(levels, mean), torch.full_like(levels, std ** 2)
@@ -243,6 +285,18 @@ def test_discretised_decoder_bins_sum_to_one_and_match_cdf(mean, std):
     edges = torch.cat([torch.tensor([-math.inf]), (levels[:-1] + levels[1:]) / 2, torch.tensor([math.inf])]).to(D64)
     direct = normal.cdf(edges[1:]) - normal.cdf(edges[:-1])
     assert torch.allclose(p, direct.clamp(min=1e-12), atol=1e-9)
+
+
+def test_prior_term_is_the_kl_of_q_xT_given_x0_to_the_standard_normal():
+    # 推导: L_T = D_KL(q(x_T|x_0) || N(0, I)) with q(x_T|x_0) = N(sqrt(ᾱ_T) x_0, (1-ᾱ_T) I), against
+    # torch.distributions, on a short schedule where ᾱ_T = 0.57 makes L_T large
+    sch = ddpm.schedule(T=10, beta_1=0.01, beta_T=0.1)
+    x0 = torch.tensor([[-1.0, 1.0, 0.0, 0.5], [0.3, -0.7, 0.9, -0.2]], dtype=D64)
+    a = sch.alpha_bar[10]
+    N = torch.distributions.Normal
+    ref = torch.distributions.kl_divergence(N(a.sqrt() * x0, (1 - a).sqrt()), N(torch.zeros_like(x0), 1.0)).sum(1)
+    assert torch.allclose(ddpm.prior_term(sch, x0), ref, rtol=1e-12)
+    assert (ref > 0.5).all()  # nats: far from negligible
 
 
 def test_prior_term_is_negligible():
@@ -268,7 +322,8 @@ def test_each_kl_term_is_the_weighted_eps_loss():
 def test_bound_equals_monte_carlo_of_log_q_minus_log_p():
     # E_q[log q(x_{1:T}|x_0) - log p_θ(x_{0:T})] by sampling whole trajectories, against the sum of the
     # closed-form terms (which still average over x_t). Both are estimates: compare within 5 combined SEs.
-    T, s, m = 10, ddpm.schedule(T=10, beta_1=0.05, beta_T=0.4), TinyEps().double()
+    # β from 0.01 to 0.1: ᾱ_T = 0.57, so the prior term L_T is a large part of the bound
+    T, s, m = 10, ddpm.schedule(T=10, beta_1=0.01, beta_T=0.1), TinyEps().double()
     sig2 = s.sigma2("beta_tilde")
     x0 = (torch.randint(0, 256, (1, 1, 2, 2), generator=gen(9)).to(D64) / 127.5 - 1)
     R = 4000
@@ -312,8 +367,8 @@ def test_t_sampled_bound_agrees_with_the_full_sum():
 # VAE
 
 
-MU = st.floats(-3, 3)
-LOGVAR = st.floats(-4, 4)
+MU = grid(-3, 3, 0.1, avoid=(0,))
+LOGVAR = grid(-4, 4, 0.1, avoid=(0,))  # σ^2 = 1 would hide σ^2 written for σ
 
 
 @FEW
@@ -485,7 +540,7 @@ def test_iwae_bound_rises_towards_log_px_with_k():
 
 
 @FEW
-@given(sigma=st.floats(0.01, 2.0), seed=st.integers(0, 1000))
+@given(sigma=grid(0.01, 2.0, 0.01, avoid=(1,)), seed=st.integers(0, 1000))
 def test_dsm_target_is_the_gradient_of_the_perturbation_kernel(sigma, seed):
     g = gen(seed)
     x = torch.rand(2, 5, generator=g, dtype=D64)
@@ -582,25 +637,40 @@ def test_langevin_on_a_gaussian_follows_the_discretised_chain_exactly():
     assert abs(notes_x.mean().item() - mean) > 100 * math.sqrt(var / M)
 
 
-def test_annealed_langevin_on_a_gaussian_follows_the_discretised_chain_at_every_level():
-    # data N(m, s^2) perturbed at σ_i is N(m, s^2 + σ_i^2); Algorithm 1's update is linear in x at each level
-    m, s2, M = 0.5, 0.04, 100_000
-    sig = ncsn.geometric_sigmas(1.0, 0.05, 5)
-    score = lambda y, i: -(y - m) / (s2 + sig[i].reshape(-1) ** 2)  # noqa: E731
-    eps, T = 1e-3, 20
-    x0 = torch.rand(M, generator=gen(31), dtype=D64)
-    trace = []
-    x = ncsn.annealed_langevin(score, x0, sig, eps=eps, T=T, generator=gen(32), trace=trace)
-    mean, var = 0.5, 1 / 12  # U[0, 1]
-    for i in range(1, 6):
-        alpha = eps * sig[i].item() ** 2 / sig[5].item() ** 2
+def annealed_chain(m, s2, sig, eps, T):
+    """Mean and variance after each level of Algorithm 1 on data N(m, s2), from U[0, 1]: at level i the update
+    x' = x + α_i/2 s(x, i) + sqrt(α_i) z with s = -(x - m)/(s2 + σ_i^2) is linear in x."""
+    mean, var, out = 0.5, 1 / 12, []
+    L = len(sig) - 1
+    for i in range(1, L + 1):
+        alpha = eps * sig[i].item() ** 2 / sig[L].item() ** 2
         a = 1 - alpha / 2 / (s2 + sig[i].item() ** 2)
         for _ in range(T):
             mean, var = a * mean + alpha / 2 * m / (s2 + sig[i].item() ** 2), a * a * var + alpha
-        xi = trace[i - 1]
-        assert_close_se(xi.mean(), mean, math.sqrt(var / M), what=f"mean after level {i}")
-        assert_close_se(xi.var(), var, var * math.sqrt(2 / (M - 1)), what=f"variance after level {i}")
+        out.append((mean, var))
+    return out
+
+
+def test_annealed_langevin_on_a_gaussian_follows_the_discretised_chain_at_every_level():
+    """Algorithm 1 with the exact score of N(m, s^2) perturbed at σ_i, N(m, s^2 + σ_i^2): mean and variance after
+    each level by the recursion, within 5 SEs. T = 5 steps per level keeps the chain moving at every level, so
+    that a wrong step size shows; 10^6 draws. Tried: a 2% error at every step in α_i, in the drift's α_i/2 or in
+    the noise's sqrt(α_i) each fails it (the first two by about 14 SEs, the recursion says). With T = 1000 the
+    recursion settles at the last level's N(m, s^2 + σ_L^2), up to the finite step's own bias: the linear
+    chain's fixed point is v = 1 / (k (1 - α_L k/4)), k = 1/(s^2 + σ_L^2), 0.6% wide here."""
+    m, s2, M = 0.5, 0.04, 1_000_000
+    sig = ncsn.geometric_sigmas(1.0, 0.05, 5)
+    score = lambda y, i: -(y - m) / (s2 + sig[i].reshape(-1) ** 2)  # noqa: E731
+    eps, T = 1e-3, 5
+    x0 = torch.rand(M, generator=gen(31), dtype=D64)
+    trace = []
+    x = ncsn.annealed_langevin(score, x0, sig, eps=eps, T=T, generator=gen(32), trace=trace)
+    for i, (mean, var) in enumerate(annealed_chain(m, s2, sig, eps, T), start=1):
+        check_moments(trace[i - 1], mean, var, f"after level {i}")
     assert torch.equal(x, trace[-1])
+    mean, var = annealed_chain(m, s2, sig, eps, 1000)[-1]
+    k = 1 / (s2 + sig[5].item() ** 2)
+    assert abs(mean - m) < 1e-3 and math.isclose(var, 1 / (k * (1 - eps * k / 4)), rel_tol=1e-3)
 
 
 def test_annealed_langevin_recovers_a_gaussian_mixture():
@@ -682,3 +752,298 @@ def test_ddpm_and_score_views_agree_on_a_gaussian_mixture():
         sigma = ((1 - ab) / ab).sqrt()
         log_p_sigma = lambda y: torch.logsumexp(torch.log(w) + torch.distributions.Normal(mu, (s ** 2 + sigma ** 2).sqrt()).log_prob(y[:, None]), -1)  # noqa: E731
         assert torch.allclose(ncsn.score(log_p_sigma, x / ab.sqrt()), ab.sqrt() * score_t, atol=1e-8)
+
+
+# ==========================================================================================================
+# The SDE view: every sampler on Gaussian data, the ODE solvers' order, the ODE likelihood
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact ε-prediction for data N(m, s2 I): x_t ~ N(sqrt(ᾱ_t) m, v_t I) with v_t = ᾱ_t s2 + 1 - ᾱ_t, and
+    E[ε | x_t] = sqrt(1-ᾱ_t) (x_t - sqrt(ᾱ_t) m) / v_t (x_t and ε are jointly Gaussian)."""
+
+    def __init__(self, m, s2, sch):
+        super().__init__()
+        self.m, self.s2, self.ab = m, s2, sch.alpha_bar
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # samplers read the device from the parameters
+
+    def forward(self, x, t):
+        ab = self.ab[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return (1 - ab).sqrt() * (x - ab.sqrt() * self.m) / (ab * self.s2 + 1 - ab)
+
+
+M_DATA, S2_DATA = 0.3, 0.25  # data N(0.3, 0.5^2): the exact samplers must end near it
+CHAIN = (4000, 1, 8, 8)  # 256,000 scalar draws: the mean's SE is ~0.2% of the sd, the variance's ~0.3%
+
+
+def even_grid(T, steps):
+    # the few-step samplers' times, written out here: round(k T / steps) for k = steps..1, then 0
+    return [round(k * T / steps) for k in range(steps, 0, -1)] + [0]
+
+
+def eps_coefficients(t):
+    """ε̂ = k (x - sqrt(ᾱ_t) m) for the Gaussian data: k = sqrt(1-ᾱ_t) / v_t."""
+    ab = S.alpha_bar[t].item()
+    return math.sqrt(1 - ab) / (ab * S2_DATA + 1 - ab), math.sqrt(ab) * M_DATA
+
+
+def check_moments(x, mean, var, what):
+    n = x.numel()
+    assert_close_se(x.mean(), mean, math.sqrt(var / n), what=f"{what}: mean")
+    assert_close_se(x.var(), var, var * math.sqrt(2 / (n - 1)), what=f"{what}: variance")
+
+
+def ancestral_chain(var):
+    """Mean and variance of the ancestral sampler's x_0 for the Gaussian data, step by step from x_T ~ N(0, 1)."""
+    mean, v = 0.0, 1.0
+    for t in range(S.T, 0, -1):
+        beta, alpha, ab = S.beta[t].item(), S.alpha[t].item(), S.alpha_bar[t].item()
+        k, shift = eps_coefficients(t)
+        # u = (x - β/sqrt(1-ᾱ) ε̂)/sqrt(α), ε̂ = k (x - shift)
+        a = (1 - beta / math.sqrt(1 - ab) * k) / math.sqrt(alpha)
+        c = beta / math.sqrt(1 - ab) * k * shift / math.sqrt(alpha)
+        mean, v = a * mean + c, a * a * v
+        if t > 1:
+            ab_prev = S.alpha_bar[t - 1].item()
+            v += beta * (1 - ab_prev) / (1 - ab) if var == "beta_tilde" else beta
+    return mean, v
+
+
+@pytest.mark.parametrize("var", ["beta_tilde", "beta"])
+def test_ancestral_sampler_on_gaussian_data_follows_its_chain(var):
+    """With the exact ε of N(m, s^2), x_{t-1} = u_θ(x_t, t) + σ_t z is affine in x_t: its mean and variance follow
+    mean' = a_t mean + c_t, var' = a_t^2 var + σ_t^2 (no noise at t = 1), with u_θ from the notes' ε form and σ_t^2
+    computed here from β. The samples must match the recursion within 5 SEs, and the recursion must end near the
+    data's N(m, s^2): within 2% of s^2 (σ_t^2 = β̃_t is the reverse kernel's lower bound and ends 1.5% narrow,
+    β_t its upper bound). Tried: a 2% error at every t >= 2 in p_mean's x_t or ε coefficient, in σ_t, or σ_t^2 = β̃_t
+    where β_t is asked for, each fails this test."""
+    x = ddpm.sample(GaussianEps(M_DATA, S2_DATA, S), S, CHAIN, var=var, generator=gen(40))
+    mean, v = ancestral_chain(var)
+    check_moments(x, mean, v, f"ancestral, var={var}")
+    assert abs(mean - M_DATA) < 0.01 * math.sqrt(S2_DATA) and abs(v - S2_DATA) < 0.02 * S2_DATA
+
+
+def affine_chain(steps, solver):
+    """The deterministic samplers' output as a map x_T -> A x_T + b, computed step by step on the grid of even_grid.
+    solver: 'ddim' (x' = sqrt(ᾱ') x̂_0 + sqrt(1-ᾱ') ε̂) or 'dpm++2m' (DPM-Solver++(2M), written out here)."""
+    ts = even_grid(S.T, steps)
+    A, b = 1.0, 0.0  # x = A x_T + b
+    prev = None  # (A, b) of the previous x̂_0, and the previous h
+    states = {}
+    for j in range(steps):
+        t, nxt = ts[j], ts[j + 1]
+        ab, ab_n = S.alpha_bar[t].item(), S.alpha_bar[nxt].item()
+        k, shift = eps_coefficients(t)
+        eA, eb = k * A, k * (b - shift)  # ε̂ = k (x - shift)
+        x0A, x0b = (A - math.sqrt(1 - ab) * eA) / math.sqrt(ab), (b - math.sqrt(1 - ab) * eb) / math.sqrt(ab)
+        if solver == "ddim" or nxt == 0:
+            if solver == "ddim":
+                A, b = math.sqrt(ab_n) * x0A + math.sqrt(1 - ab_n) * eA, math.sqrt(ab_n) * x0b + math.sqrt(1 - ab_n) * eb
+            else:
+                A, b = x0A, x0b
+        else:
+            lam = lambda u: 0.5 * math.log(S.alpha_bar[u].item() / (1 - S.alpha_bar[u].item()))  # noqa: E731
+            h = lam(nxt) - lam(t)
+            DA, Db = x0A, x0b
+            if prev is not None:
+                r = prev[2] / h
+                DA, Db = (1 + 1 / (2 * r)) * x0A - prev[0] / (2 * r), (1 + 1 / (2 * r)) * x0b - prev[1] / (2 * r)
+            ratio, coef = math.sqrt((1 - ab_n) / (1 - ab)), -math.sqrt(ab_n) * math.expm1(-h)
+            A, b = ratio * A + coef * DA, ratio * b + coef * Db
+            prev = (x0A, x0b, h)
+        states[nxt] = (A, b)
+    return states
+
+
+@pytest.mark.parametrize("solver,steps", [("ddim", 50), ("ddim", 10), ("dpm++2m", 20), ("dpm++2m", 10)])
+def test_deterministic_samplers_on_gaussian_data_are_their_affine_map(solver, steps):
+    """DDIM (η = 0) and DPM-Solver++(2M) with the exact ε of N(m, s^2) map x_T to A x_T + b; A and b computed here
+    step by step. Every sample must equal its image under the map (float32 rounding allowance 1e-4), so the
+    samples' mean and variance are b and A^2 exactly. Tried: a 2% error at every step in the x̂_0 or ε
+    coefficient, in the step's x or D coefficient, or in DPM-Solver's r, each moves some sample by > 1e-3.
+    The map approaches the data's law as the steps grow: at 1000 steps it ends within 1% of N(m, s^2). (At
+    few steps the last step, to x̂_0 = E[x_0 | x_{t_1}], narrows the law by the posterior variance at t_1.)"""
+    model = GaussianEps(M_DATA, S2_DATA, S)
+    fn = ddpm.ddim_sample if solver == "ddim" else ddpm.dpm_solver_sample
+    x = fn(model, S, CHAIN, steps=steps, generator=gen(41))
+    xT = torch.randn(CHAIN, generator=gen(41))  # every sampler draws x_T first
+    A, b = affine_chain(steps, solver)[0]
+    assert (x - (A * xT + b)).abs().max() < 1e-4
+    check_moments(x, b, A * A, solver)
+    A, b = affine_chain(S.T, solver)[0]
+    assert abs(b - M_DATA) < 0.01 * math.sqrt(S2_DATA) and abs(A * A - S2_DATA) < 0.01 * S2_DATA
+
+
+def ddim_chain(steps, eta):
+    ts = even_grid(S.T, steps)
+    mean, v = 0.0, 1.0
+    for t, nxt in zip(ts, ts[1:]):
+        ab, ab_n = S.alpha_bar[t].item(), S.alpha_bar[nxt].item()
+        k, shift = eps_coefficients(t)
+        sigma = eta * math.sqrt((1 - ab_n) / (1 - ab) * (1 - ab / ab_n))
+        c_eps = math.sqrt(max(1 - ab_n - sigma ** 2, 0.0))
+        # x' = sqrt(ᾱ')(x - sqrt(1-ᾱ) ε̂)/sqrt(ᾱ) + c_eps ε̂ (+ σ z), ε̂ = k (x - shift)
+        a = math.sqrt(ab_n / ab) * (1 - math.sqrt(1 - ab) * k) + c_eps * k
+        c = (math.sqrt(ab_n / ab) * math.sqrt(1 - ab) - c_eps) * k * shift
+        mean, v = a * mean + c, a * a * v + (sigma ** 2 if nxt > 0 else 0.0)
+    return mean, v
+
+
+def test_ddim_with_noise_on_gaussian_data_follows_its_chain():
+    """DDIM with η = 0.5: x' = sqrt(ᾱ') x̂_0 + sqrt(1-ᾱ'-σ^2) ε̂ + σ z, σ = η sqrt((1-ᾱ')/(1-ᾱ)) sqrt(1-ᾱ/ᾱ'), affine in x
+    plus noise: mean and variance by recursion, within 5 SEs; at 1000 steps the recursion ends within 2% of the
+    data's law. Tried: a 2% error in σ at every step fails it."""
+    x = ddpm.ddim_sample(GaussianEps(M_DATA, S2_DATA, S), S, CHAIN, steps=20, eta=0.5, generator=gen(42))
+    mean, v = ddim_chain(20, 0.5)
+    check_moments(x, mean, v, "DDIM eta=0.5")
+    mean, v = ddim_chain(S.T, 0.5)
+    assert abs(mean - M_DATA) < 0.01 * math.sqrt(S2_DATA) and abs(v - S2_DATA) < 0.02 * S2_DATA
+
+
+def test_dpm_solver_with_exact_eps_returns_the_point():
+    c = torch.linspace(-0.9, 0.9, 16).reshape(1, 1, 4, 4)
+    for steps in (1, 2, 7, 20):
+        x = ddpm.dpm_solver_sample(PointMassEps(c, S), S, (4, 1, 4, 4), steps=steps, generator=gen(43))
+        assert (x - c).abs().max() < 1e-4, steps
+
+
+def test_ode_solvers_have_their_order():
+    """On the probability-flow ODE of Gaussian data the exact flow keeps the standardised value:
+    x_t = sqrt(ᾱ_t) m + (std_t/std_T)(x_T - sqrt(ᾱ_T) m), std_t^2 = ᾱ_t s^2 + 1 - ᾱ_t. Each solver's state at t = 200,
+    a time on the grids of 10, 20 and 40 steps, against it: doubling the steps divides DDIM's (Euler's) error by
+    1.6 to 2.4 and DPM-Solver++(2M)'s by 3 to 5, first and second order. (Not at each grid's last nonzero time,
+    100, 50 and 25: there the error is set by the last, longest step in λ = log(sqrt(ᾱ)/sqrt(1-ᾱ)), which these
+    t-uniform grids do not shorten in proportion: measured ratios 1.3 to 1.8 and 0.8 to 2.)"""
+    model = GaussianEps(M_DATA, S2_DATA, S).double()
+    shape = (64, 1, 2, 2)
+    t_cmp = 200
+    errors = {}
+    for name, fn in (("ddim", ddpm.ddim_sample), ("dpm++2m", ddpm.dpm_solver_sample)):
+        for steps in (10, 20, 40):
+            seen = {}
+            fn(model, S, shape, steps=steps, generator=gen(44), callback=lambda k, t, x: seen.__setitem__(t, x.double()))
+            xT = torch.randn(shape, generator=gen(44)).double()
+            ab, abT = S.alpha_bar[t_cmp], S.alpha_bar[S.T]
+            std, stdT = (ab * S2_DATA + 1 - ab).sqrt(), (abT * S2_DATA + 1 - abT).sqrt()
+            exact = ab.sqrt() * M_DATA + std / stdT * (xT - abT.sqrt() * M_DATA)
+            errors[name, steps] = (seen[t_cmp] - exact).abs().max().item()
+    for name, lo, hi in (("ddim", 1.6, 2.4), ("dpm++2m", 3.0, 5.0)):
+        for steps in (10, 20):
+            ratio = errors[name, steps] / errors[name, 2 * steps]
+            assert lo <= ratio <= hi, (name, steps, ratio, errors)
+
+
+def test_hutchinson_divergence_is_the_trace_of_the_jacobian():
+    # a function with a full (non-diagonal) Jacobian; the exact divergence by autograd, the estimate's mean over
+    # many Rademacher probes within 5 SE of it
+    g = gen(45)
+    W1, W2 = torch.randn(5, 5, generator=g, dtype=D64), torch.randn(5, 5, generator=g, dtype=D64)
+    fn = lambda x: torch.tanh(x @ W1) @ W2 + 0.5 * x  # noqa: E731
+    x = torch.randn(3, 5, generator=g, dtype=D64)
+    exact = torch.stack([torch.autograd.functional.jacobian(fn, x[i:i + 1]).reshape(5, 5).trace() for i in range(3)])
+    P = 20_000
+    v = (torch.randint(0, 2, (P, 3, 5), generator=g) * 2 - 1).to(D64)
+    out, est = ddpm.hutchinson_divergence(fn, x, v)
+    assert torch.allclose(out, fn(x))
+    assert_close_se(est.mean(0), exact, est.std(0) / math.sqrt(P), what="Hutchinson divergence")
+    assert (est.std(0) > 0.1).all()  # the Jacobian is not diagonal: single probes do vary
+
+
+class FullCovEps(torch.nn.Module):
+    """The exact ε of data N(μ, Σ) with a full covariance: ε̂ = sqrt(1-ᾱ_t) (ᾱ_t Σ + (1-ᾱ_t) I)^{-1} (x - sqrt(ᾱ_t) μ)."""
+
+    def __init__(self, mu, cov, sch):
+        super().__init__()
+        self.mu, self.cov, self.ab = mu, cov, sch.alpha_bar
+
+    def marginal(self, t):
+        ab = self.ab[t]
+        return torch.distributions.MultivariateNormal(ab.sqrt() * self.mu, ab * self.cov + (1 - ab) * torch.eye(len(self.mu), dtype=D64))
+
+    def forward(self, x, t):
+        ab = self.ab[int(t[0])]
+        prec = torch.linalg.inv(ab * self.cov + (1 - ab) * torch.eye(len(self.mu), dtype=D64))
+        return (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) @ prec
+
+
+def test_ode_likelihood_of_a_gaussian_is_its_log_density():
+    """[SDE] eq. 39 with the exact score of N(μ, Σ): log p_ODE(x_1) = log N(x_1; marginal at t = 1) + the prior's
+    mismatch at T, log N(x_T; 0, I) - log N(x_T; marginal at T), computed at the solver's x_T. Within 5 SE of the
+    Hutchinson noise plus the solver error, measured by halving the step."""
+    g = gen(46)
+    Lc = torch.randn(3, 3, generator=g, dtype=D64) * 0.4
+    cov = Lc @ Lc.T + 0.05 * torch.eye(3, dtype=D64)
+    mu = torch.tensor([0.3, -0.5, 0.1], dtype=D64)
+    model = FullCovEps(mu, cov, S)
+    x1 = model.marginal(1).sample((8,))
+    est, xT = ddpm.ode_log_likelihood(model, S, x1, steps=100, probes=200, generator=gen(47))
+    est2, _ = ddpm.ode_log_likelihood(model, S, x1, steps=200, probes=200, generator=gen(47))
+    prior = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=D64), torch.eye(3, dtype=D64))
+    exact = model.marginal(1).log_prob(x1) + prior.log_prob(xT) - model.marginal(S.T).log_prob(xT)
+    se = est.std(0) / math.sqrt(est.shape[0])
+    solver = (est.mean(0) - est2.mean(0)).abs()
+    assert ((est.mean(0) - exact).abs() <= 5 * se + solver).all(), (est.mean(0), exact, se, solver)
+    assert (solver < 0.05).all() and (se > 0).all()
+
+
+def test_ode_bound_is_an_upper_bound_near_the_variational_one():
+    # the ODE bound and the variational bound of the same tiny model on the same 8-bit images are both upper
+    # bounds on -log P(x_0); for a model whose ε is exact for Gaussian data both are finite and positive
+    sch = ddpm.schedule(T=100)
+    x0 = (torch.randint(0, 256, (4, 1, 2, 2), generator=gen(48)).to(D64) / 127.5 - 1)
+    model = GaussianEps(0.0, 0.3, sch).double()
+    ode = ddpm.ode_bound(model, sch, x0, steps=20, probes=4, generator=gen(49))
+    assert ode.shape == (4, 4) and torch.isfinite(ode).all() and (ode.mean(0) > 0).all()
+
+
+def test_ve_sde_levels_are_ncsns_geometric_sigmas():
+    # [SDE] eq. 30: σ_i = σ((L - i)/(L - 1)) with σ(τ) = σ_min (σ_max/σ_min)^τ, and g^2 = d σ^2/dτ
+    sig = ncsn.geometric_sigmas(1.0, 0.01, 10)
+    for i in range(1, 11):
+        assert math.isclose(sig[i].item(), ncsn.ve_sigma((10 - i) / 9, 0.01, 1.0), rel_tol=1e-12)
+    tau, h = 0.37, 1e-6
+    numeric = (ncsn.ve_sigma(tau + h) ** 2 - ncsn.ve_sigma(tau - h) ** 2) / (2 * h)
+    assert math.isclose(ncsn.ve_diffusion_squared(tau), numeric, rel_tol=1e-6)
+
+
+def pc_chain(m, s2, sig, snr, M):
+    """Mean and variance after levels 1..len(sig)-1 of the PC sampler on data N(m, s2), from U[0, 1]."""
+    mean, v = 0.5, 1 / 12
+    for i in range(1, len(sig)):
+        k = 1 / (s2 + sig[i].item() ** 2)
+        if i > 1:
+            d = sig[i - 1].item() ** 2 - sig[i].item() ** 2
+            kp = 1 / (s2 + sig[i - 1].item() ** 2)
+            mean, v = mean + d * kp * (m - mean), (1 - d * kp) ** 2 * v + d
+        for _ in range(M):
+            e_s2 = k * k * (v + (mean - m) ** 2)  # E[s^2] per dimension
+            eps = 2 * snr ** 2 / e_s2  # 2 (r sqrt(D) / sqrt(D E[s^2]))^2
+            mean, v = mean + eps * k * (m - mean), (1 - eps * k) ** 2 * v + 2 * eps
+    return mean, v
+
+
+def test_pc_sampler_on_gaussian_data_follows_its_chain():
+    """Predictor-corrector with the exact score of N(m, s^2) perturbed at σ_i, -(x - m)/(s^2 + σ_i^2): the predictor
+    x' = x + d s(x, i-1) + sqrt(d) z, d = σ_{i-1}^2 - σ_i^2, and the corrector x' = x + ε s + sqrt(2ε) z are affine in
+    x; mean and variance by recursion after each level, within 5 SE. The corrector's ε = 2 (r ||z|| / ||s||)^2 uses
+    the batch's mean norms; the recursion uses sqrt(D) and sqrt(D E[s^2]), whose ratio differs from the batch's by
+    O(1/D) + O(1/sqrt(B D)) ~ 0.1% here (D = 1024, B = 400): a 0.2% shift of a step size, far inside 5 SE of
+    the moments. The chain's target is N(m, s^2 + σ_L^2) (no denoising). Tried: a 2% error at every level in the predictor's
+    score or noise coefficient, or in the corrector's ε, fails it."""
+    m, s2 = 0.4, 0.01
+    sig = ncsn.geometric_sigmas(1.0, 0.01, 10)
+    L, snr, M = 10, 0.16, 2
+    score = lambda y, i: -(y - m) / (s2 + sig[i].to(y.dtype).reshape(-1, 1, 1, 1) ** 2)  # noqa: E731
+    B, D = 400, 1024
+    x0 = torch.rand((B, 1, 32, 32), generator=gen(50), dtype=D64)
+    trace = []
+    ncsn.pc_sample(score, x0, sig, corrector_steps=M, snr=snr, generator=gen(51), trace=trace)
+    for i in range(1, L + 1):
+        mean, v = pc_chain(m, s2, sig[:i + 1], snr, M)
+        check_moments(trace[i - 1], mean, v, f"PC after level {i}")
+    # with enough corrector steps the chain settles at each level's N(m, s^2 + σ_i^2), up to the finite step's
+    # own bias: at the fixed point of the corrector, k v = 1 + r^2 (k = 1/(s^2 + σ^2)), i.e. 2.6% wide for
+    # r = 0.16. The recursion with 200 steps per level ends within 0.5% of that (2 steps per level end 35% wide)
+    mean, v = pc_chain(m, s2, sig, snr, 200)
+    target = (s2 + sig[L].item() ** 2) * (1 + snr ** 2)
+    assert abs(mean - m) < 0.01 * math.sqrt(s2) and abs(v - target) < 0.005 * target

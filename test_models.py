@@ -595,3 +595,124 @@ def test_cuda_device_turns_on_tf32_for_fp32_matmuls(monkeypatch):
         assert common.pick_device("cuda:0").type == "cuda" and torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# ---------------------------------------------------------------------------------------------------------- budget, MACs, samplers
+
+
+def test_minutes_budget_counts_across_resume(tmp_path, tiny_pt, capsys):
+    # --minutes M trains until M minutes of training in all; the time is kept in the checkpoint, so
+    # --resume --minutes M' trains until the run's total reaches M'
+    out = tmp_path / "run"
+    base = ddpm_cli(out, tiny_pt)
+    ddpm.main(["--train", "--minutes", "0.01", *base])
+    ck = common.load_checkpoint(str(out / "ckpt.pt"))
+    assert ck["step"] >= 1 and 0.6 <= ck["train_seconds"] < 30
+    printed = capsys.readouterr().out
+    assert "MACs" in printed and "trained" in printed
+    more = ck["train_seconds"] / 60 + 0.01
+    ddpm.main(["--train", "--resume", "--minutes", str(more), *base])
+    ck2 = common.load_checkpoint(str(out / "ckpt.pt"))
+    assert ck2["step"] > ck["step"] and ck2["train_seconds"] >= 60 * more
+    ddpm.main(["--train", "--resume", "--minutes", "0.01", *base])  # already past it: no step more
+    assert common.load_checkpoint(str(out / "ckpt.pt"))["step"] == ck2["step"]
+    ddpm.main(["--train", "--resume", "--minutes", "10", "--steps", str(ck2["step"] + 2), *base])  # steps first
+    assert common.load_checkpoint(str(out / "ckpt.pt"))["step"] == ck2["step"] + 2
+
+
+def test_recipe_length_is_minutes_on_cpu_unless_steps_are_given():
+    p = ddpm.build_parser()
+    cpu = torch.device("cpu")
+    args = p.parse_args(["--train"])
+    common.fill_recipe(args, cpu, ddpm.GPU_RECIPE, ddpm.CPU_RECIPE)
+    assert args.minutes == 15 and args.steps is None
+    args = p.parse_args(["--train", "--steps", "7"])
+    common.fill_recipe(args, cpu, ddpm.GPU_RECIPE, ddpm.CPU_RECIPE)
+    assert args.steps == 7 and args.minutes is None
+    args = p.parse_args(["--train", "--minutes", "2"])
+    common.fill_recipe(args, torch.device("cuda"), ddpm.GPU_RECIPE, ddpm.CPU_RECIPE)
+    assert args.minutes == 2 and args.steps is None and args.lr == ddpm.GPU_RECIPE["lr"]
+
+
+def test_progress_line_counts_macs_as_three_forward_passes_per_image(tiny_pt, tmp_path, capsys):
+    # MACs so far = 3 x the forward's MACs per image x images seen (forward + backward ~ 3 forwards)
+    out = tmp_path / "run"
+    ddpm.main(["--train", "--steps", "2", *ddpm_cli(out, tiny_pt)])
+    lines = capsys.readouterr().out.splitlines()
+    model = common.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), dropout=0.0, image_size=28)
+    macs = common.macs_per_image(model, torch.zeros(1, 1, 28, 28), torch.ones(1, dtype=torch.long))
+    assert f"{macs / 1e6:.1f}M MACs per image" in lines[0]
+    step2 = next(line for line in lines if line.startswith("step 2/2"))
+    assert f"MACs {3 * macs * 4 * 2:.3g}" in step2  # batch 4, 2 steps
+
+
+def test_cli_samplers_and_ode_eval(tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    ddpm.main(["--train", "--steps", "2", *ddpm_cli(out, tiny_pt)])
+    for extra in (["--sampler", "dpm++2m", "--sample-steps", "4"], ["--sampler", "ddim"], ["--no-clip-x0"]):
+        ddpm.main(["--sample", "3", "--out", str(out), *extra])
+        x = torch.load(out / "samples.pt", weights_only=True)
+        assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
+    assert "dpm++2m with 4 network calls" in capsys.readouterr().out
+    ddpm.main(["--eval", "--ode", "--ode-steps", "3", "--probes", "2", "--eval-n", "2", "--data", tiny_pt, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "ODE bound" in printed and "bits/dim" in printed and "per image" in printed
+    for bad, msg in ((["--ddim-steps", "5", "--sampler", "dpm++2m"], "one or the other"),
+                     (["--sample-steps", "5"], "ancestral sampler takes T steps"),
+                     (["--sampler", "ddim", "--sample-steps", "20"], "> T = 10 of the model"),
+                     (["--ode"], "goes with --eval")):
+        err = usage_error(ddpm.main, ["--sample", "2", "--out", str(out), "--T", "10", *bad], capsys)
+        assert msg in err
+
+
+def test_ncsn_pc_sampler_cli(tmp_path, tiny_pt, capsys):
+    out = str(tmp_path / "run")
+    ncsn.main(["--train", "--steps", "1", "--data", tiny_pt, "--out", out, "--batch-size", "4", "--levels", "3",
+               "--final-samples", "0", *TINY_UNET])
+    ncsn.main(["--sample", "3", "--sampler", "pc", "--corrector-steps", "2", "--denoise", "--out", out])
+    assert "predictor-corrector, 9 network calls" in capsys.readouterr().out  # (3 - 1) + 3 x 2 + 1
+    x = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
+    assert x.shape == (3, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------- copying the files
+
+
+def test_scripts_import_where_the_unix_only_resource_module_is_missing():
+    # Windows has no `resource`; nothing but --bench's peak-memory figure may need it
+    code = ("import sys; sys.modules['resource'] = None\n"
+            "import torch, common, ddpm, vae, ncsn\n"
+            "assert common._peak_mib(torch.device('cpu')) is None\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def readme_snippet(heading):
+    """The first ```python block after `heading` in README.md."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    after = text[text.index(heading):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start:after.index("```", start)]
+
+
+def test_readme_copy_snippet_runs_with_only_ddpm_and_common(tmp_path, tiny_pt):
+    # ddpm.py + common.py copied alone into an empty folder; the README's snippet runs there unchanged after a
+    # prelude that supplies what it names: a network `my_unet`, images `x0`, and a checkpoint at runs/ddpm
+    for f in ("ddpm.py", "common.py"):
+        (tmp_path / f).write_bytes(open(os.path.join(HERE, f), "rb").read())
+    r = subprocess.run([sys.executable, "ddpm.py", "--train", "--steps", "1", "--data", tiny_pt, "--T", "10",
+                        "--batch-size", "2", "--final-samples", "0", *TINY_UNET], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prelude = ("import torch, common\n"
+               "my_unet = common.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), image_size=28)\n"
+               "x0 = torch.rand(4, 1, 28, 28) * 2 - 1\n")
+    check = ("\nassert torch.isfinite(loss) and x.shape == (16, 1, 28, 28) and torch.isfinite(x).all()\n"
+             "assert isinstance(model, common.UNet) and sch.T == 10\n"
+             "print('snippet ok')\n")
+    (tmp_path / "snippet.py").write_text(prelude + readme_snippet("**Copying into another project.**") + check, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "snippet ok" in r.stdout, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["common.py", "ddpm.py", "snippet.py"]
