@@ -41,8 +41,8 @@ class Schedule:
         self.alpha = 1 - beta
         # 扩散过程: ᾱ_t = ∏_{i=1}^t α_i   (ᾱ_0 = 1: x_0 is noiseless)
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)
-        # 推导: σ_{q,t}^2 = β̃_t = β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t)   (t >= 1; β̃_1 = 0 because ᾱ_0 = 1)
         self.beta_tilde = torch.zeros_like(beta)
+        # 推导: σ_{q,t}^2 = β̃_t = β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t)   (t >= 1; β̃_1 = 0 because ᾱ_0 = 1)
         self.beta_tilde[1:] = beta[1:] * (1 - self.alpha_bar[:-1]) / (1 - self.alpha_bar[1:])
 
     def to(self, device):
@@ -237,6 +237,7 @@ def sample(model, sch, shape, var="beta_tilde", clip_x0=False, generator=None, c
 
 
 def _std_normal_cdf(x):
+    # Φ(x) = (1 + erf(x / sqrt(2))) / 2
     return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
 
 
@@ -248,9 +249,11 @@ def discretized_gaussian_log_likelihood(x, mean, var):
     density itself, which is not a probability of 8-bit data.)
     """
     std = var.sqrt()
-    # DDPM paper, eq. 13: P(x) = Φ((x + 1/255 - u)/σ) - Φ((x - 1/255 - u)/σ), the edge bins open
+    # DDPM paper, eq. 13: P(x) = Φ((x + 1/255 - u)/σ) - Φ((x - 1/255 - u)/σ), with Φ(+∞) = 1 at x = 1 and
+    # Φ(-∞) = 0 at x = -1 (the edge bins open)
     upper = torch.where(x > 0.999, torch.ones_like(x), _std_normal_cdf((x + 1 / 255 - mean) / std))
     lower = torch.where(x < -0.999, torch.zeros_like(x), _std_normal_cdf((x - 1 / 255 - mean) / std))
+    # log P(x), floored at 1e-12 where the bin's probability underflows
     return torch.log((upper - lower).clamp(min=1e-12))
 
 
@@ -286,13 +289,17 @@ def nll_bits_per_dim(model, sch, x0, t_samples=None, var="beta_tilde", generator
     total = prior_term(sch, x0)
     if t_samples is None:
         for t_int in range(1, sch.T + 1):
+            # 推导: L_T + Σ_{t=2}^T L_{t-1} + L_0
             total = total + bound_terms(model, sch, x0, torch.full((B,), t_int, device=device), var, generator=generator)
+        # bits per dimension = nats / (D log 2)
         return total / (D * math.log(2)), None
     per_t = torch.stack([bound_terms(model, sch, x0, torch.randint(1, sch.T + 1, (B,), device=device, generator=generator),
                                      var, generator=generator) for _ in range(t_samples)], dim=1)
-    # Σ_{t=1}^T term_t = T E_{t~U{1..T}} term_t
+    # Σ_{t=1}^T term_t = T E_{t~U{1..T}} term_t, estimated by the mean of k draws
     est = total + sch.T * per_t.mean(1)
+    # its standard error: T sd(term_t) / sqrt(k)
     se = sch.T * per_t.std(1) / math.sqrt(t_samples) if t_samples > 1 else torch.full_like(est, float("nan"))
+    # bits per dimension = nats / (D log 2)
     return est / (D * math.log(2)), se / (D * math.log(2))
 
 
@@ -301,6 +308,7 @@ def time_grid(T, steps):
     distinct, starting at t = T), then t = 0, where ᾱ_0 = 1: the last step lands on x̂_0 exactly."""
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..T={T}, got {steps}")
+    # t_k = round(k T / steps), k = steps..1, then t_0 = 0
     return [round(k * T / steps) for k in range(steps, 0, -1)] + [0]
 
 
@@ -372,6 +380,7 @@ def dpm_solver_sample(model, sch, shape, steps=20, clip_x0=False, generator=None
     device = next(model.parameters()).device
     ab = sch.alpha_bar.tolist()
     ts = time_grid(sch.T, steps)
+    # DPM-Solver: λ_t = log(α_t/σ_t) = 1/2 log(ᾱ_t/(1-ᾱ_t)); λ_0 = +∞ (σ_0 = 0)
     lam = [0.5 * math.log(ab[t] / (1 - ab[t])) if t > 0 else math.inf for t in ts]
     x = torch.randn(shape, device=device, generator=generator)
     x0_prev, h_prev = None, None
@@ -432,27 +441,35 @@ def ode_log_likelihood(model, sch, x1, steps=100, probes=1, generator=None):
     ab = sch.alpha_bar.tolist()
     grid = [1 + round(k * (sch.T - 1) / steps) for k in range(steps + 1)]  # integer t from 1 to T
     B, D = x1.shape[0], x1[0].numel()
+    # Rademacher probes: v_i = ±1 with probability 1/2 each, so E[v v^T] = I
     v = (torch.randint(0, 2, (probes, *x1.shape), device=x1.device, generator=generator) * 2 - 1).to(x1.dtype)
 
     def velocity(xbar, t_int):
         """dx̄/dσ̄ = ε_θ and the Hutchinson estimates of its divergence in x̄ (the chain rule gives sqrt(ᾱ_t))."""
         c = math.sqrt(ab[t_int])
         t = torch.full((B,), t_int, device=x1.device, dtype=torch.long)
+        # x_t = sqrt(ᾱ_t) x̄,  dx̄/dσ̄ = ε_θ(x_t, t)
         eps, div = hutchinson_divergence(lambda x: model(x, t).to(x1.dtype), c * xbar, v)
+        # div_x̄ ε_θ(sqrt(ᾱ_t) x̄, t) = sqrt(ᾱ_t) div_x ε_θ(x_t, t)
         return eps, c * div
 
+    # x̄_1 = x_1 / sqrt(ᾱ_1)
     xbar = x1 / math.sqrt(ab[1])
     delta = torch.zeros(probes, B, dtype=torch.float64, device=x1.device)  # ∫ div dσ̄ so far
     f0, d0 = velocity(xbar, grid[0])
     for k in range(steps):
         t0, t1 = grid[k], grid[k + 1]
+        # h = σ̄_{t1} - σ̄_{t0},  σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t)
         h = math.sqrt((1 - ab[t1]) / ab[t1]) - math.sqrt((1 - ab[t0]) / ab[t0])
-        # Heun: predictor x̄' = x̄ + h f(x̄, t0), corrector x̄ += h/2 [f(x̄, t0) + f(x̄', t1)], the same for ∫ div
+        # Heun's predictor: x̄' = x̄ + h f(x̄, t0), and f, div there
         f1, d1 = velocity(xbar + h * f0, t1)
+        # Heun's corrector: x̄ += h/2 [f(x̄, t0) + f(x̄', t1)]
         xbar = xbar + h / 2 * (f0 + f1)
+        # the same trapezoid for ∫ div_x̄ ε_θ dσ̄
         delta = delta + h / 2 * (d0 + d1).double()
         if k + 1 < steps:
             f0, d0 = velocity(xbar, t1)
+    # x_T = sqrt(ᾱ_T) x̄_T
     xT = math.sqrt(ab[sch.T]) * xbar
     # p(x_T) = N(0, I), then log p̄_T(x̄_T) = log p(x_T) + D/2 log ᾱ_T
     log_pbar_T = (-0.5 * (xT.double() ** 2 + math.log(2 * math.pi))).flatten(1).sum(1) + D / 2 * math.log(ab[sch.T])
@@ -475,7 +492,9 @@ def ode_bound(model, sch, x0, steps=100, probes=1, var="beta_tilde", generator=N
     x1 = q_sample(sch.to(x0.device), x0, one, eps)
     log_p1, _ = ode_log_likelihood(_in_own_dtype(model), sch, x1, steps, probes, generator)
     decoder = bound_terms(model, sch, x0, one, var, eps)  # L_0 at the same x_1
+    # E_q log q(x_1|x_0) = -D/2 log(2πe (1-ᾱ_1)), q(x_1|x_0) = N(sqrt(ᾱ_1) x_0, (1-ᾱ_1) I)
     neg_entropy = -D / 2 * math.log(2 * math.pi * math.e * (1 - sch.alpha_bar[1].item()))
+    # -log P(x_0) <= E_q log q(x_1|x_0) - log p_ODE(x_1) - log p_θ(x_0|x_1)
     return neg_entropy - log_p1 + decoder
 
 
@@ -486,7 +505,8 @@ GPU_RECIPE = dict(steps=100_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay
 # CPU: chosen for digits per multiply-accumulate and per second on 2 cores (README: time to quality)
 CPU_RECIPE = dict(minutes=15, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999)
 CPU_UNET = dict(ch=32, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
-MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", "attn", "T", "beta_1", "beta_T")
+MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", "attn", "group_size", "T", "beta_1", "beta_T")
+OLDER = dict(group_size=1)  # what checkpoints written before --group-size existed used
 SAMPLERS = ("ancestral", "ddim", "dpm++2m")
 
 
@@ -593,7 +613,7 @@ def train(args, rank, world, device):
     ema = common.make_ema(model, args.ema_decay)
     step, seconds = 0, 0.0
     if args.resume:
-        step, seconds = common.resume(ckpt_path, "ddpm", ck_args, MODEL_KEYS, model, opt, lr_sched, ema, rank=rank)
+        step, seconds = common.resume(ckpt_path, "ddpm", ck_args, MODEL_KEYS, model, opt, lr_sched, ema, rank, OLDER)
     net = common.wrap(model, world, device, args.compile)
     budget = common.Budget(args.steps, args.minutes, seconds, world, device=device)
 
@@ -642,9 +662,9 @@ def train(args, rank, world, device):
 
 def model_from_checkpoint(ck, device):
     """The EMA network and the schedule of a checkpoint, ready to sample."""
-    saved = ck["args"]
+    saved = {**OLDER, **ck["args"]}
     model = common.UNet(in_ch=saved["in_ch"], ch=saved["ch"], ch_mult=saved["ch_mult"], num_res_blocks=saved["num_res_blocks"],
-                        attn=saved["attn"], dropout=0.0, image_size=saved["image_size"])
+                        attn=saved["attn"], dropout=0.0, image_size=saved["image_size"], group_size=saved["group_size"])
     model.load_state_dict(ck["ema"])
     return model.to(device).eval(), schedule(saved["T"], saved["beta_1"], saved["beta_T"])
 

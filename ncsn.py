@@ -266,7 +266,7 @@ def build_parser():
     g.add_argument("--denoise", action="store_true", help="end sampling with x + σ_L^2 s_θ(x, L)")
     g.add_argument("--strip", action="store_true", help="with --sample: also write the chain after each level (chain.png)")
     g.add_argument("--final-samples", type=common.nonneg_int, default=64, help="samples written at the end of --train (default 64)")
-    common.add_unet_args(p, ch=32, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
+    common.add_unet_args(p, ch=32, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0, group_norm=False)
     return p
 
 

@@ -14,6 +14,7 @@ import http.server
 import io
 import tarfile
 import json
+import math
 import os
 import struct
 import threading
@@ -84,9 +85,26 @@ def test_unet_refuses_invalid_configurations(kw, msg):
         common.UNet(**{**dict(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=()), **kw})
 
 
-def test_group_norm_groups_divide_small_widths():
-    for ch in (8, 24, 48, 96, 128):
-        assert ch % common.group_norm(ch).num_groups == 0
+def test_group_norm_groups_divide_the_width_and_hold_several_channels():
+    for ch in (4, 8, 16, 18, 24, 32, 48, 96, 128, 256):
+        g = common.group_norm(ch).num_groups
+        assert ch % g == 0 and ch // g >= 4 and g <= 32
+    assert common.group_norm(128).num_groups == 32  # the DDPM paper's 32 groups at its widths
+    assert [common.group_norm(c, 1).num_groups for c in (8, 24, 32, 48, 128)] == [8, 8, 32, 16, 32]  # gcd(32, c)
+    unet = common.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), image_size=28)
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 4 for m in norms)
+
+
+def test_checkpoints_from_before_group_size_load_with_their_own_groups(tmp_path, tiny_pt):
+    out = tmp_path / "run"
+    ddpm.main(["--train", "--steps", "1", "--group-size", "1", *ddpm_cli(out, tiny_pt)])
+    ck = common.load_checkpoint(str(out / "ckpt.pt"))
+    del ck["args"]["group_size"]  # as written before the flag existed
+    model, _ = ddpm.model_from_checkpoint(ck, torch.device("cpu"))
+    assert all(m.num_groups == math.gcd(32, m.num_channels) for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
+    common.save_checkpoint(str(out / "ckpt.pt"), ck)
+    ddpm.main(["--train", "--resume", "--steps", "2", "--group-size", "1", *ddpm_cli(out, tiny_pt)])  # resumes
 
 
 # ---------------------------------------------------------------------------------------------------------- DDPM

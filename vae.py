@@ -179,8 +179,9 @@ def prepare(x01, likelihood, generator):
 def bits_per_dim(nats, D, likelihood):
     """nats per image -> bits per dimension; the Gaussian density on [0,1]^D gets the log 256 per dimension of
     the dequantisation (its value is then -log2 of a probability of 8-bit data, never negative)."""
+    # -log P(x) <= -E_u log p(y) + D log 256 for the dequantised density
     extra = D * math.log(256) if likelihood == "gaussian" else 0.0
-    # -log2 P(x) / D with -log P(x) <= -E_u log p(y) + D log 256 for the dequantised density
+    # bits per dimension = nats / (D log 2)
     return (nats + extra) / (D * math.log(2))
 
 
