@@ -430,14 +430,16 @@ def add_common_args(p, ema=True, clip=1.0, precision="auto"):
 
 
 def add_unet_args(p, ch, ch_mult, res_blocks, attn, dropout, group_norm=True):
-    """Model-size flags shared by ddpm.py and ncsn.py. Defaults given here are the script's CPU defaults.
+    """Model-size flags shared by ddpm.py and ncsn.py, with the script's defaults; None: the recipe fills it in.
     group_norm=False (NCSN, whose norms are conditional instance norms) leaves out --group-size."""
+    def default(v):
+        return "the recipe's" if v is None else ",".join(map(str, v)) if isinstance(v, list) else v
     g = p.add_argument_group("model size (U-Net)")
-    g.add_argument("--ch", type=positive_int, default=ch, help=f"base width (default {ch}; the paper's CIFAR-10 model: 128)")
-    g.add_argument("--ch-mult", type=int_list, default=ch_mult, help=f"width multiplier per resolution level, comma separated (default {','.join(map(str, ch_mult))}; CIFAR-10: 1,2,2,2; 28px takes at most 3 levels)")
-    g.add_argument("--res-blocks", type=positive_int, default=res_blocks, help=f"residual blocks per level (default {res_blocks}; CIFAR-10: 2)")
-    g.add_argument("--attn", type=int_list, default=attn, help=f"level indices with self-attention, '' for none (default {','.join(map(str, attn))}; CIFAR-10: 1, the 16x16 level)")
-    g.add_argument("--dropout", type=unit_interval, default=dropout, help=f"dropout in the residual blocks (default {dropout}; CIFAR-10: 0.1)")
+    g.add_argument("--ch", type=positive_int, default=ch, help=f"base width (default {default(ch)}; the paper's CIFAR-10 model: 128)")
+    g.add_argument("--ch-mult", type=int_list, default=ch_mult, help=f"width multiplier per resolution level, comma separated (default {default(ch_mult)}; CIFAR-10: 1,2,2,2; 28px takes at most 3 levels)")
+    g.add_argument("--res-blocks", type=positive_int, default=res_blocks, help=f"residual blocks per level (default {default(res_blocks)}; CIFAR-10: 2)")
+    g.add_argument("--attn", type=int_list, default=attn, help=f"level indices with self-attention, '' for none (default {default(attn)}; CIFAR-10: 1, the 16x16 level)")
+    g.add_argument("--dropout", type=unit_interval, default=dropout, help=f"dropout in the residual blocks (default {default(dropout)}; CIFAR-10: 0.1)")
     if group_norm:
         g.add_argument("--group-size", type=positive_int, default=4, help="at least this many channels per GroupNorm group "
                        "(default 4; 1 makes narrow layers instance norms, which hide the image's mean from the network)")
