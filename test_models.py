@@ -573,7 +573,7 @@ def test_same_seed_same_samples(name, tmp_path, tiny_pt):
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
     argv = ["--data", tiny_pt, "--steps", "3", "--batch-size", "4", "--log-every", "1", "--T", "10",
-            "--dropout", "0", "--final-samples", "0", *TINY_UNET]
+            "--dropout", "0", "--final-samples", "0", "--lr", "1e-3", "--warmup", "100", *TINY_UNET]
     one = tmp_path / "one"
     ddpm.main(["--train", "--out", str(one), *argv])
     two = tmp_path / "two"
@@ -586,8 +586,12 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
     assert r.stdout.count("step 3/3") == 1  # only rank 0 reports
     assert sorted(p.name for p in two.iterdir()) == ["ckpt.pt"]
     a, b = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (one, two))
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+    # The two runs sum the gradient in different orders, so they differ by rounding. Adam's first steps are
+    # ±lr_k for every weight whatever its gradient's size, so a near-zero gradient whose sign the rounding flips
+    # moves that weight by up to 2 Σ_k lr_k: that bounds every difference; nearly all weights agree to 1e-6.
+    bound = 2 * sum(1e-3 * (k + 1) / 100 for k in range(3)) + 1e-6
+    diffs = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
+    assert diffs.max() <= bound and (diffs > 1e-6).double().mean() < 1e-3
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
