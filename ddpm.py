@@ -511,7 +511,7 @@ GPU_RECIPE = dict(steps=100_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay
                   ch=32, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
 # CPU: chosen for digits per multiply-accumulate and per second on 2 cores (README: time to quality); nothing in
 # it depends on how long it runs: constant learning rate after the warm-up, EMA ramped by the step count
-CPU_RECIPE = dict(minutes=15, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.999,
+CPU_RECIPE = dict(minutes=15, batch_size=32, lr=1.5e-3, warmup=100, ema_decay=0.999,
                   ch=16, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
 MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", "attn", "group_size", "T", "beta_1", "beta_T")
 OLDER = dict(group_size=1)  # what checkpoints written before --group-size existed used
