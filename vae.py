@@ -46,11 +46,11 @@ class VAE(nn.Module):
                                      nn.Unflatten(1, (in_ch, image_size, image_size)))
             feat = hidden
         else:
-            s = image_size // 4
+            side = image_size // 4
             self.enc = nn.Sequential(nn.Conv2d(in_ch, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
-                                     nn.Flatten(), nn.Linear(64 * s * s, hidden), nn.ReLU())
-            self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 64 * s * s), nn.ReLU(),
-                                     nn.Unflatten(1, (64, s, s)), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(64 * side * side, hidden), nn.ReLU())
+            self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 64 * side * side), nn.ReLU(),
+                                     nn.Unflatten(1, (64, side, side)), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
                                      nn.ConvTranspose2d(32, in_ch, 4, 2, 1))
             feat = hidden
         # the encoder outputs log σ^2 rather than σ: any real number is valid, σ^2 = exp(log σ^2) > 0 always
