@@ -487,12 +487,13 @@ def test_ctrl_c_saves_and_says_how_to_resume(name, tmp_path, tiny_pt, monkeypatc
         return line(self, step, **kw)
 
     monkeypatch.setattr(common.Progress, "line", interrupt_at_step_2)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job (nohup, &)
     with pytest.raises(SystemExit) as e:
         module.main(train_argv(name, tmp_path / "run", tiny_pt, 50))
     assert e.value.code == 130
     assert "--resume" in capsys.readouterr().err
     assert common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -676,11 +677,13 @@ def test_cli_samplers_and_ode_eval(tmp_path, tiny_pt, capsys):
         x = torch.load(out / "samples.pt", weights_only=True)
         assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
     assert "dpm++2m with 4 network calls" in capsys.readouterr().out
+    ddpm.main(["--sample", "2", "--out", str(out)])  # the CLI's default: DPM-Solver++(2M), 20 calls (T = 10 here)
+    assert "dpm++2m with 10 network calls, x̂_0 clipped" in capsys.readouterr().out
     ddpm.main(["--eval", "--ode", "--ode-steps", "3", "--probes", "2", "--eval-n", "2", "--data", tiny_pt, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "ODE bound" in printed and "bits/dim" in printed and "per image" in printed
     for bad, msg in ((["--ddim-steps", "5", "--sampler", "dpm++2m"], "one or the other"),
-                     (["--sample-steps", "5"], "ancestral sampler takes T steps"),
+                     (["--sampler", "ancestral", "--sample-steps", "5"], "ancestral sampler takes T steps"),
                      (["--sampler", "ddim", "--sample-steps", "20"], "> T = 10 of the model"),
                      (["--ode"], "goes with --eval")):
         err = usage_error(ddpm.main, ["--sample", "2", "--out", str(out), "--T", "10", *bad], capsys)
