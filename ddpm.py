@@ -516,6 +516,7 @@ CPU_RECIPE = dict(minutes=15, batch_size=32, lr=1.5e-3, warmup=100, ema_decay=0.
 MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", "attn", "group_size", "T", "beta_1", "beta_T")
 OLDER = dict(group_size=1)  # what checkpoints written before --group-size existed used
 SAMPLERS = ("ancestral", "ddim", "dpm++2m")
+SAMPLE_STEPS = {"ddim": 50, "dpm++2m": 20}  # default network calls of the few-step samplers
 
 
 def build_parser():
@@ -529,7 +530,8 @@ def build_parser():
     g.add_argument("--sampler", choices=SAMPLERS, help="ancestral (T network calls, the notes'), ddim or dpm++2m "
                    "(--sample-steps calls) (default dpm++2m: 20 calls, the 1000-step quality in the README's "
                    "measurements)")
-    g.add_argument("--sample-steps", type=common.positive_int, help="network calls for ddim and dpm++2m (default 50 and 20)")
+    g.add_argument("--sample-steps", type=common.positive_int, help="network calls for ddim and dpm++2m "
+                   f"(default {SAMPLE_STEPS['ddim']} and {SAMPLE_STEPS['dpm++2m']})")
     g.add_argument("--ddim-steps", type=common.positive_int, help="shorthand for --sampler ddim --sample-steps N")
     g.add_argument("--var", choices=["beta_tilde", "beta"], default="beta_tilde", help="ancestral sampler variance σ_t^2 (default beta_tilde)")
     g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
@@ -684,7 +686,7 @@ def network_calls(args, sch):
     if args.sampler == "ancestral":
         return sch.T
     if args.sample_steps is None:
-        return min({"ddim": 50, "dpm++2m": 20}[args.sampler], sch.T)
+        return min(SAMPLE_STEPS[args.sampler], sch.T)
     if args.sample_steps > sch.T:
         raise ValueError(f"--sample-steps {args.sample_steps} > T = {sch.T} of the model")
     return args.sample_steps

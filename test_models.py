@@ -573,8 +573,9 @@ def test_same_seed_same_samples(name, tmp_path, tiny_pt):
 
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
-    argv = ["--data", tiny_pt, "--steps", "3", "--batch-size", "4", "--log-every", "1", "--T", "10",
-            "--dropout", "0", "--final-samples", "0", "--lr", "1e-3", "--warmup", "100", *TINY_UNET]
+    lr, warmup, steps = 1e-3, 100, 3
+    argv = ["--data", tiny_pt, "--steps", str(steps), "--batch-size", "4", "--log-every", "1", "--T", "10",
+            "--dropout", "0", "--final-samples", "0", "--lr", str(lr), "--warmup", str(warmup), *TINY_UNET]
     one = tmp_path / "one"
     ddpm.main(["--train", "--out", str(one), *argv])
     two = tmp_path / "two"
@@ -590,7 +591,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
     # The two runs sum the gradient in different orders, so they differ by rounding. Adam's first steps are
     # ±lr_k for every weight whatever its gradient's size, so a near-zero gradient whose sign the rounding flips
     # moves that weight by up to 2 Σ_k lr_k: that bounds every difference; nearly all weights agree to 1e-6.
-    bound = 2 * sum(1e-3 * (k + 1) / 100 for k in range(3)) + 1e-6
+    bound = 2 * sum(lr * (k + 1) / warmup for k in range(steps)) + 1e-6  # lr_k of the linear warm-up
     diffs = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
     assert diffs.max() <= bound and (diffs > 1e-6).double().mean() < 1e-3
 
