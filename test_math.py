@@ -65,12 +65,12 @@ def test_notes_error_betas_increase_not_decrease():
 @FEW
 @given(t=st.integers(1, 1000), x0=grid(-1, 1, 0.1, avoid=(0,)))
 def test_q_xt_given_x0_equals_running_the_chain(t, x0):
-    # q(x_t|x_0) in closed form against running q(x_t|x_{t-1}) = N(sqrt(α_t) x_{t-1}, β_t) step by step
+    # q(x_t|x_0) in closed form against running the chain q(x_t|x_{t-1}) = N(sqrt(α_t) x_{t-1}, β_t) (q_step)
     M = 40_000
     g = gen(t)
-    x = torch.full((M,), x0, dtype=D64)
+    x = torch.full((M, 1), x0, dtype=D64)
     for k in range(1, t + 1):
-        x = S.alpha[k].sqrt() * x + S.beta[k].sqrt() * torch.randn(M, generator=g, dtype=D64)
+        x = ddpm.q_step(S, x, torch.full((M,), k), torch.randn((M, 1), generator=g, dtype=D64))
     ts = torch.tensor([t])
     mean = ddpm.q_sample(S, torch.tensor([[x0]], dtype=D64), ts, torch.zeros(1, 1, dtype=D64)).item()
     std = ddpm.q_sample(S, torch.zeros(1, 1, dtype=D64), ts, torch.ones(1, 1, dtype=D64)).item()
@@ -157,7 +157,6 @@ class PointMassEps(torch.nn.Module):
         super().__init__()
         self.register_buffer("c", c)
         self.s = s
-        self.dummy = torch.nn.Parameter(torch.zeros(()))  # samplers read the device from the parameters
 
     def forward(self, x, t):
         ab = self.s.alpha_bar[t].to(x.dtype).reshape(-1, 1, 1, 1)
@@ -223,8 +222,7 @@ def test_ddim_eta0_is_deterministic_and_spans_T_to_0():
     b = ddpm.ddim_sample(m, s, (2, 1, 6, 6), steps=7, generator=gen(6))
     assert torch.equal(a, b)
     seen = []
-    m2 = lambda x, t: (seen.append(int(t[0])), m(x, t))[1]  # noqa: E731
-    m2.parameters = m.parameters
+    m2 = lambda x, t: (seen.append(int(t[0])), m(x, t))[1]  # noqa: E731  (a plain function)
     ddpm.ddim_sample(m2, s, (1, 1, 6, 6), steps=7, generator=gen(6))
     assert seen[0] == 100 and len(set(seen)) == 7 and seen == sorted(seen, reverse=True)
 
@@ -664,7 +662,7 @@ def test_annealed_langevin_on_a_gaussian_follows_the_discretised_chain_at_every_
     eps, T = 1e-3, 5
     x0 = torch.rand(M, generator=gen(31), dtype=D64)
     trace = []
-    x = ncsn.annealed_langevin(score, x0, sig, eps=eps, T=T, generator=gen(32), trace=trace)
+    x = ncsn.annealed_langevin(score, x0, sig, step_size=eps, T=T, generator=gen(32), trace=trace)
     for i, (mean, var) in enumerate(annealed_chain(m, s2, sig, eps, T), start=1):
         check_moments(trace[i - 1], mean, var, f"after level {i}")
     assert torch.equal(x, trace[-1])
@@ -687,7 +685,7 @@ def test_annealed_langevin_recovers_a_gaussian_mixture():
 
     M, eps = 10_000, 1e-3
     x = ncsn.annealed_langevin(mixture_score, torch.rand(M, generator=gen(34), dtype=D64) * 4 - 2, sig,
-                               eps=eps, T=100, generator=gen(35))
+                               step_size=eps, T=100, generator=gen(35))
     right = x > 0
     p = right.double().mean().item()
     target_var = s ** 2 + sig[10].item() ** 2  # each mode of the σ_L-perturbed mixture
@@ -765,7 +763,6 @@ class GaussianEps(torch.nn.Module):
     def __init__(self, m, s2, sch):
         super().__init__()
         self.m, self.s2, self.ab = m, s2, sch.alpha_bar
-        self.dummy = torch.nn.Parameter(torch.zeros(()))  # samplers read the device from the parameters
 
     def forward(self, x, t):
         ab = self.ab[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))

@@ -1,35 +1,43 @@
-"""VAE (Kingma & Welling 2014), annotated against the notes' VAE section; IWAE bound (Burda et al. 2016).
+"""VAE (Kingma & Welling 2014), annotated against the notes' VAE section; IWAE bound (Burda et al.
+2016); then the command line.
 
-    python vae.py --train                               # the notes' Gaussian decoder, MNIST, runs/vae
-    python vae.py --train --likelihood bernoulli --binarize --out runs/vae_bern   # the literature's setting
+    python vae.py --train          # the notes' Gaussian decoder, MNIST, runs/vae
+    python vae.py --train --likelihood bernoulli --binarize --out runs/vae_bern   # the literature's
     python vae.py --sample 64 | --reconstruct | --eval --k 1000
 
-Symbols follow the notes: the encoder gives U = u_φ(x) and σ_φ(x) of q_φ(v|x) = N(U, diag(σ_φ^2)), the latent
-is v, the prior p(v) = N(0, I), and the decoder u_θ(v) is the mean of p_θ(x|v). Data live in [0, 1].
+Symbols follow the notes: the encoder gives U = u_φ(x) and σ_φ(x) of q_φ(v|x) = N(U, diag(σ_φ^2)),
+the latent is v, the prior p(v) = N(0, I), and the decoder u_θ(v) is the mean of p_θ(x|v). Data live
+in [0, 1]. Everything above the command-line banner needs only torch.
 """
 import argparse
+import contextlib
+import json
 import math
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-
 LOG_2PI = math.log(2 * math.pi)
 
-# ==========================================================================================================
-# VAE: encoder q_φ(v|x), reparameterisation, KL, the Gaussian decoder, ELBO, the notes' loss, generation
+# ==================================================================================================
+# VAE: encoder q_φ(v|x), reparameterisation, KL, the Gaussian decoder, ELBO, the notes' loss,
+#   generation
 
 
 class VAE(nn.Module):
-    """arch="mlp": x -> hidden -> (U, log σ^2) and v -> hidden -> u_θ(v), as in the VAE/IWAE papers' MNIST models.
-    arch="conv": two stride-2 convolutions each way, for 28 or 32 px images with any channel count."""
+    """arch="mlp": x -> hidden -> (U, log σ^2) and v -> hidden -> u_θ(v), as in the VAE/IWAE papers'
+    MNIST models. arch="conv": two stride-2 convolutions each way, for 28 or 32 px images with any
+    channel count."""
 
-    def __init__(self, in_ch=1, image_size=28, latent_dim=20, hidden=400, arch="mlp", likelihood="gaussian"):
+    def __init__(self, in_ch=1, image_size=28, latent_dim=20, hidden=400, arch="mlp",
+                 likelihood="gaussian"):
         super().__init__()
         if likelihood not in ("gaussian", "bernoulli"):
             raise ValueError(f"likelihood must be gaussian or bernoulli, got {likelihood!r}")
@@ -37,31 +45,36 @@ class VAE(nn.Module):
         if arch not in ("mlp", "conv"):
             raise ValueError(f"arch must be mlp or conv, got {arch!r}")
         if arch == "conv" and image_size % 4:
-            raise ValueError(f"the conv VAE halves the image twice: {image_size}px is not divisible by 4")
-        self.in_ch, self.image_size, self.latent_dim, self.arch = in_ch, image_size, latent_dim, arch
+            raise ValueError(f"the conv VAE halves the image twice: {image_size}px is not "
+                             "divisible by 4")
+        self.in_ch, self.image_size, self.latent_dim = in_ch, image_size, latent_dim
+        self.arch = arch
         D = in_ch * image_size * image_size
         if arch == "mlp":
             self.enc = nn.Sequential(nn.Flatten(), nn.Linear(D, hidden), nn.ReLU())
             self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, D),
                                      nn.Unflatten(1, (in_ch, image_size, image_size)))
-            feat = hidden
         else:
             side = image_size // 4
-            self.enc = nn.Sequential(nn.Conv2d(in_ch, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+            self.enc = nn.Sequential(nn.Conv2d(in_ch, 32, 4, 2, 1), nn.ReLU(),
+                                     nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
                                      nn.Flatten(), nn.Linear(64 * side * side, hidden), nn.ReLU())
-            self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 64 * side * side), nn.ReLU(),
-                                     nn.Unflatten(1, (64, side, side)), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+            self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, 64 * side * side), nn.ReLU(),
+                                     nn.Unflatten(1, (64, side, side)),
+                                     nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
                                      nn.ConvTranspose2d(32, in_ch, 4, 2, 1))
-            feat = hidden
-        # the encoder outputs log σ^2 rather than σ: any real number is valid, σ^2 = exp(log σ^2) > 0 always
-        self.to_mu, self.to_log_var = nn.Linear(feat, latent_dim), nn.Linear(feat, latent_dim)
+        # the encoder outputs log σ^2 rather than σ: any real number is valid, σ^2 = exp(log σ^2) >
+        #   0
+        self.to_mu, self.to_log_var = nn.Linear(hidden, latent_dim), nn.Linear(hidden, latent_dim)
 
     def encode(self, x):
         h = self.enc(x)
         return self.to_mu(h), self.to_log_var(h)
 
     def decode(self, v):
-        """What log_px_given_v takes: the mean u_θ(v) in [0, 1] (gaussian) or the logits (bernoulli)."""
+        """What log_px_given_v takes: the mean u_θ(v) in [0, 1] (gaussian) or the logits
+        (bernoulli)."""
         out = self.dec(v)
         return torch.sigmoid(out) if self.likelihood == "gaussian" else out
 
@@ -71,18 +84,19 @@ class VAE(nn.Module):
         return out if self.likelihood == "gaussian" else torch.sigmoid(out)
 
     def forward(self, x, generator=None):
-        """Encode, draw one v ~ q_φ(v|x) by reparameterisation, decode: (decoder output, U, log σ^2)."""
+        """Encode, draw one v ~ q_φ(v|x) by reparameterisation, decode: (decoder output, U, log
+        σ^2)."""
         mu, log_var = self.encode(x)
         return self.decode(reparameterize(mu, log_var, generator=generator)), mu, log_var
 
 
 def reparameterize(mu, log_var, eps=None, generator=None):
-    """A draw of v ~ q_φ(v|x) = N(U, diag(σ^2)) as a differentiable function of (U, log σ^2); eps: given noise
-    of shape (..., B, d), or None to draw it.
+    """A draw of v ~ q_φ(v|x) = N(U, diag(σ^2)) as a differentiable function of (U, log σ^2); eps:
+    given noise of shape (..., B, d), or None to draw it.
 
-    NOTES ERROR (VAE, 重参数化): the notes write v = U + σ^2 ⊗ ε. The standard deviation of q_φ(v|x) is σ, not σ^2:
-    with σ^2 in front, v would have variance σ^4 and the samples would not come from N(U, diag(σ^2)) whose KL
-    the loss computes.
+    NOTES ERROR (VAE, 重参数化): the notes write v = U + σ^2 ⊗ ε. The standard deviation of q_φ(v|x) is
+    σ, not σ^2: with σ^2 in front, v would have variance σ^4 and the samples would not come from
+    N(U, diag(σ^2)) whose KL the loss computes.
     """
     if eps is None:
         eps = torch.randn(mu.shape, device=mu.device, generator=generator)
@@ -93,53 +107,61 @@ def reparameterize(mu, log_var, eps=None, generator=None):
 def kl_to_standard_normal(mu, log_var):
     """D_KL[q_φ(v|x) || N(0, I)] per example, summed over the d latent dimensions.
 
-    NOTES ERROR (VAE, intro): the notes' first paragraph calls the loss KL(N || N_g), prior first; the KL the
-    derivation (and this function) computes is KL(q_φ(v|x) || p(v)) = KL(N_g || N). The two differ for σ ≠ 1.
+    NOTES ERROR (VAE, intro): the notes' first paragraph calls the loss KL(N || N_g), prior first;
+    the KL the derivation (and this function) computes is KL(q_φ(v|x) || p(v)) = KL(N_g || N). The
+    two differ for σ ≠ 1.
     """
     # VAE: D_KL = 1/2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
     return 0.5 * (log_var.exp() + mu ** 2 - log_var - 1).sum(dim=1)
 
 
 def log_px_given_v(out, x, likelihood, sigma_x=None):
-    """log p_θ(x|v) per example (nats), from the decoder's output: the mean u_θ(v) (gaussian, the notes') or the
-    logits (bernoulli, below the notes' part of this file).
+    """log p_θ(x|v) per example (nats), from the decoder's output: the mean u_θ(v) (gaussian, the
+    notes') or the logits (bernoulli, below the notes' part of this file).
 
-    NOTES ERROR (VAE): the notes' density has the normaliser 1/(2 π^{n/2} σ^n); a Gaussian's is 1/((2π)^{n/2} σ^n).
-    Their log-density line, -n log(sqrt(2π) σ), is the right one and is what this computes.
+    NOTES ERROR (VAE): the notes' density has the normaliser 1/(2 π^{n/2} σ^n); a Gaussian's is
+    1/((2π)^{n/2} σ^n). Their log-density line, -n log(sqrt(2π) σ), is the right one and is what
+    this computes.
     """
     if likelihood == "bernoulli":
         return bernoulli_log_likelihood(out, x)
     n = x[0].numel()
-    # VAE: log p_θ(x|v) = -n log(sqrt(2π) σ) - ||x - u_θ(v)||^2 / (2σ^2),  p_θ(x|v) = N(x; u_θ(v), σ^2 I)
-    return -n * (0.5 * LOG_2PI + math.log(sigma_x)) - ((x - out) ** 2).flatten(1).sum(1) / (2 * sigma_x ** 2)
+    # VAE: log p_θ(x|v) = -n log(sqrt(2π) σ) - ||x - u_θ(v)||^2 / (2σ^2),  p_θ(x|v) = N(x; u_θ(v),
+    #   σ^2 I)
+    return (-n * (0.5 * LOG_2PI + math.log(sigma_x))
+            - ((x - out) ** 2).flatten(1).sum(1) / (2 * sigma_x ** 2))
 
 
 def elbo(model, x, likelihood=None, sigma_x=0.1, generator=None):
-    """The ELBO per example in nats, with one sample of v (the notes: 抽样一次就够了). likelihood=None: the model's."""
+    """The ELBO per example in nats, with one sample of v (the notes: 抽样一次就够了).
+    likelihood=None: the model's."""
     likelihood = likelihood or getattr(model, "likelihood", "gaussian")
     out, mu, log_var = model(x, generator=generator)
-    # VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)], the expectation by one draw of v
+    # VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)], the expectation by one draw of
+    #   v
     return log_px_given_v(out, x, likelihood, sigma_x) - kl_to_standard_normal(mu, log_var)
 
 
 def notes_loss(x, x_mean, mu, log_var, sigma_x):
     """The notes' final Gaussian loss, per example, which is -2σ^2 (L + n log(sqrt(2π) σ)).
 
-    NOTES ERROR (VAE, final loss): the notes write u_φ(x)_i, not u_φ(x)_i^2, inside the sum (the KL line above it
-    has the square). Without it the loss is linear in the mean and is minimised by pushing U to -infinity.
-    (Dropping the constant -1, as the notes do, does not change the minimiser.)
+    NOTES ERROR (VAE, final loss): the notes write u_φ(x)_i, not u_φ(x)_i^2, inside the sum (the KL
+    line above it has the square). Without it the loss is linear in the mean and is minimised by
+    pushing U to -infinity. (Dropping the constant -1, as the notes do, does not change the
+    minimiser.)
     """
     # VAE: min ||x - u_θ(v)||^2 + σ^2 Σ_i [σ_φ^2(x)_i + u_φ(x)_i^2 - log σ_φ^2(x)_i - 1]
-    return ((x - x_mean) ** 2).flatten(1).sum(1) + sigma_x ** 2 * (log_var.exp() + mu ** 2 - log_var - 1).sum(1)
+    return (((x - x_mean) ** 2).flatten(1).sum(1)
+            + sigma_x ** 2 * (log_var.exp() + mu ** 2 - log_var - 1).sum(1))
 
 
 @torch.no_grad()
 def generate(model, n, generator=None, sigma_x=None):
-    """Generation: v ~ N(0, I), x = u_θ(v) (the decoder mean, what is shown).
+    """Generation: v ~ N(0, I), x = u_θ(v) (the decoder mean, what is shown), on the model's device.
 
-    With sigma_x given (Gaussian decoder), a draw from p_θ(x|v) instead: x = u_θ(v) + σ ε.
-    NOTES ERROR (VAE, generation): the notes write x = u_θ(v) + σ^2 ε; p_θ(x|v) = N(u_θ(v), σ^2 I) has standard
-    deviation σ. The notes then drop the noise, as this function does by default.
+    With sigma_x given (Gaussian decoder), a draw from p_θ(x|v) instead: x = u_θ(v) + σ ε. NOTES
+    ERROR (VAE, generation): the notes write x = u_θ(v) + σ^2 ε; p_θ(x|v) = N(u_θ(v), σ^2 I) has
+    standard deviation σ. The notes then drop the noise, as this function does by default.
     """
     device = next(model.parameters()).device
     # VAE (推理): v ~ N(0, I), the encoder discarded
@@ -151,12 +173,13 @@ def generate(model, n, generator=None, sigma_x=None):
     return mean + sigma_x * torch.randn(mean.shape, device=device, generator=generator)
 
 
-# ==========================================================================================================
+# ==================================================================================================
 # Beyond the notes: the Bernoulli decoder, discrete likelihoods, the IWAE bound
 
 
 def bernoulli_log_likelihood(logits, x):
-    """log p_θ(x|v) of a Bernoulli decoder for binary x, from the logits of u_θ(v) = sigmoid(logits)."""
+    """log p_θ(x|v) of a Bernoulli decoder for binary x, from the logits of u_θ(v) =
+    sigmoid(logits)."""
     # log p = Σ x log u + (1-x) log(1-u), u = sigmoid(logits)
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
@@ -164,9 +187,10 @@ def bernoulli_log_likelihood(logits, x):
 def prepare(x01, likelihood, generator):
     """Training/eval targets from images in [0, 1].
 
-    bernoulli: dynamic binarisation, each pixel drawn from Bernoulli(grey level) every time an image is used.
-    gaussian: uniform dequantisation of the 8-bit levels, y = (255 x + u) / 256, u ~ U[0, 1), so that the density
-    has a discrete likelihood behind it: log P(x) >= E_u log p(y) - D log 256 (bits/dim as in flow papers).
+    bernoulli: dynamic binarisation, each pixel drawn from Bernoulli(grey level) every time an image
+    is used. gaussian: uniform dequantisation of the 8-bit levels, y = (255 x + u) / 256, u ~ U[0,
+    1), so that the density has a discrete likelihood behind it: log P(x) >= E_u log p(y) - D log
+    256 (bits/dim as in flow papers).
     """
     u = torch.rand(x01.shape, device=x01.device, generator=generator)
     if likelihood == "bernoulli":
@@ -177,8 +201,9 @@ def prepare(x01, likelihood, generator):
 
 
 def bits_per_dim(nats, D, likelihood):
-    """nats per image -> bits per dimension; the Gaussian density on [0,1]^D gets the log 256 per dimension of
-    the dequantisation (its value is then -log2 of a probability of 8-bit data, never negative)."""
+    """nats per image -> bits per dimension; the Gaussian density on [0,1]^D gets the log 256 per
+    dimension of the dequantisation (its value is then -log2 of a probability of 8-bit data, never
+    negative)."""
     # -log P(x) <= -E_u log p(y) + D log 256 for the dequantised density
     extra = D * math.log(256) if likelihood == "gaussian" else 0.0
     # bits per dimension = nats / (D log 2)
@@ -187,7 +212,8 @@ def bits_per_dim(nats, D, likelihood):
 
 @torch.no_grad()
 def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=50_000):
-    """The IWAE bound (Burda et al. 2016) per example in nats, k draws v_j ~ q_φ(v|x); k = 1 is the ELBO.
+    """The IWAE bound (Burda et al. 2016) per example in nats, k draws v_j ~ q_φ(v|x); k = 1 is the
+    ELBO.
 
     The bound rises towards log p_θ(x) as k grows; logsumexp keeps the sum of k tiny ratios finite.
     """
@@ -200,150 +226,479 @@ def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=
         eps = torch.randn((k, *mu.shape), device=mu.device, generator=generator)
         v = reparameterize(mu, log_var, eps)  # (k, B, d)
         xr = xb.expand(k, *xb.shape).reshape(k * B, *xb.shape[1:])
-        log_px = log_px_given_v(model.decode(v.reshape(k * B, -1)), xr, likelihood, sigma_x).reshape(k, B)
+        log_px = log_px_given_v(model.decode(v.reshape(k * B, -1)), xr, likelihood, sigma_x)
+        log_px = log_px.reshape(k, B)
         # log p(v) = log N(v; 0, I) = Σ_i -1/2 (v_i^2 + log 2π)
         log_pv = (-0.5 * (v ** 2 + LOG_2PI)).sum(-1)
-        # log q_φ(v|x) = log N(v; U, diag(σ^2)) = Σ_i -1/2 (ε_i^2 + log 2π + log σ_i^2), since (v - U)/σ = ε
+        # log q_φ(v|x) = log N(v; U, diag(σ^2)) = Σ_i -1/2 (ε_i^2 + log 2π + log σ_i^2), (v - U)/σ =
+        #   ε
         log_qv = (-0.5 * (eps ** 2 + LOG_2PI) - 0.5 * log_var).sum(-1)
         # IWAE: log (1/k) Σ_j p_θ(x, v_j) / q_φ(v_j|x),  p_θ(x, v) = p_θ(x|v) p(v)
         out.append(torch.logsumexp(log_px + log_pv - log_qv, dim=0) - math.log(k))
     return torch.cat(out)
 
 
-# ==========================================================================================================
-# Command line: recipe, training loop, sampling, --eval, --bench
+# ==================================================================================================
+# Command line: recipe and flags, the training loop, sampling, --eval, --bench
+#
+# Nothing above this banner needs it. It takes the data and the PNG writer from common.py, imported
+#   in
+# the functions that use them, so that `import vae` itself needs only torch. One process: the MLP is
+# tiny, and torchrun is refused.
 
 RECIPE = dict(steps=10_000, batch_size=128, lr=1e-3, warmup=0)  # CPU and GPU alike: the MLP is tiny
-MODEL_KEYS = ("kind", "in_ch", "image_size", "latent_dim", "hidden", "arch", "likelihood", "sigma_x")
+MODEL_KEYS = ("kind", "in_ch", "image_size", "latent_dim", "hidden", "arch", "likelihood",
+              "sigma_x")
+
+
+class FlagError(ValueError):
+    """Flags that don't fit each other, the data or the checkpoint: a usage error (exit 2)."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint that can't be used here; the message says why (exit 2)."""
+
+
+def _flag(convert, ok, what):
+    """An argparse type: convert(text), refused with `what` unless ok(value)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+POSITIVE_INT = _flag(int, lambda v: v >= 1, "an integer >= 1")
+COUNT = _flag(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE = _flag(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+OPEN_UNIT = _flag(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+UNIT = _flag(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+INT_LIST = _flag(lambda s: [int(v) for v in s.split(",") if v.strip()], lambda v: True,
+                 "a comma-separated list of integers")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="VAE, annotated against the notes (python vae.py --train)")
-    # the clip is only a guard (the loss is in nats per image); fp32 by default: the MLP is cheap, and the
-    # likelihood sums 784 terms whose bf16 rounding would show in the reported nats
-    common.add_common_args(p, ema=False, clip=1000.0, precision="fp32")
+    p = argparse.ArgumentParser(
+        description="VAE, annotated against the notes (python vae.py --train)")
+    g = p.add_argument_group("what to do")
+    g.add_argument("--train", action="store_true",
+                   help="train (downloads the data set on first use)")
+    g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    g.add_argument("--sample", type=POSITIVE_INT, metavar="N",
+                   help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
+    g.add_argument("--reconstruct", action="store_true",
+                   help="grid of test images (odd rows) above their reconstructions")
+    g.add_argument("--eval", action="store_true",
+                   help="test-set negative ELBO and IWAE-k NLL, nats/image and bits/dim")
+    g.add_argument("--bench", action="store_true",
+                   help="time training steps and decoder calls; print one JSON line")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", default="mnist",
+                   help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
+                        "(N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
+    g.add_argument("--data-dir", default="data",
+                   help="where downloaded data sets are kept (default ./data)")
+    g.add_argument("--out", default=os.path.join("runs", "vae"),
+                   help="the run's folder: checkpoint and samples (default runs/vae)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed (default 0); same seed, same samples")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu) or a torch device")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    # fp32 by default: the MLP is cheap, and the likelihood sums 784 terms whose bf16 rounding would
+    # show in the reported nats
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on "
+                        "CUDA fp32 matmuls use TF32 (default fp32)")
+    g = p.add_argument_group("optimisation (unset flags come from the recipe)")
+    g.add_argument("--steps", type=COUNT,
+                   help="train until this many steps in all (with --minutes: whichever comes "
+                        "first)")
+    g.add_argument("--minutes", type=POSITIVE,
+                   help="train until this many minutes of training in all, counted across --resume")
+    g.add_argument("--batch-size", type=POSITIVE_INT, help="batch size")
+    g.add_argument("--lr", type=POSITIVE, help="Adam learning rate")
+    g.add_argument("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
+    # the clip is only a guard: the loss is in nats per image
+    g.add_argument("--grad-clip", type=POSITIVE, default=1000.0,
+                   help="gradient-norm clip (default 1000)")
+    g.add_argument("--log-every", type=POSITIVE_INT, default=100,
+                   help="steps between progress lines (default 100)")
+    g.add_argument("--ckpt-every", type=POSITIVE_INT, default=1000,
+                   help="steps between checkpoints (default 1000)")
     g = p.add_argument_group("VAE")
-    g.add_argument("--reconstruct", action="store_true", help="grid of test images (odd rows) above their reconstructions")
-    g.add_argument("--eval", action="store_true", help="test-set negative ELBO and IWAE-k NLL, nats/image and bits/dim")
-    g.add_argument("--k", type=common.positive_int, default=100, help="importance samples for --eval (default 100)")
-    g.add_argument("--eval-n", type=common.positive_int, help="test images for --eval (default all)")
-    g.add_argument("--latent-dim", type=common.positive_int, default=20, help="d, the latent size (default 20)")
-    g.add_argument("--hidden", type=common.positive_int, default=400, help="hidden units (default 400)")
-    g.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="encoder/decoder (default mlp)")
+    g.add_argument("--k", type=POSITIVE_INT, default=100,
+                   help="importance samples for --eval (default 100)")
+    g.add_argument("--eval-n", type=POSITIVE_INT, help="test images for --eval (default all)")
+    g.add_argument("--latent-dim", type=POSITIVE_INT, default=20,
+                   help="d, the latent size (default 20)")
+    g.add_argument("--hidden", type=POSITIVE_INT, default=400, help="hidden units (default 400)")
+    g.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                   help="encoder/decoder (default mlp)")
     g.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="gaussian",
-                   help="p_θ(x|v): gaussian with fixed σ (the notes) or bernoulli (needs --binarize)")
-    g.add_argument("--sigma-x", type=common.positive_float, default=0.1, help="σ of the Gaussian decoder (default 0.1)")
-    g.add_argument("--binarize", action="store_true", help="dynamic binarisation of the data (for --likelihood bernoulli)")
+                   help="p_θ(x|v): gaussian with fixed σ (the notes) or bernoulli (needs "
+                        "--binarize)")
+    g.add_argument("--sigma-x", type=POSITIVE, default=0.1,
+                   help="σ of the Gaussian decoder (default 0.1)")
+    g.add_argument("--binarize", action="store_true",
+                   help="dynamic binarisation of the data (for --likelihood bernoulli)")
     return p
 
 
-def main(argv=None):
+def parse(argv):
     p = build_parser()
     args = p.parse_args(argv)
     if not (args.train or args.sample or args.reconstruct or args.eval or args.bench):
         p.error("nothing to do: give --train, --sample N, --reconstruct, --eval or --bench")
     if args.likelihood == "bernoulli" and not args.binarize:
-        p.error("--likelihood bernoulli needs binary targets: add --binarize (dynamic binarisation)")
+        p.error("--likelihood bernoulli needs binary targets: add --binarize (dynamic "
+                "binarisation)")
     if args.binarize and args.likelihood != "bernoulli":
         p.error("--binarize goes with --likelihood bernoulli")
-    args.out = args.out or os.path.join("runs", "vae")
+    if "RANK" in os.environ:
+        p.error("vae.py runs in one process (its MLP is tiny): launch it with python, not torchrun")
+    return p, args
+
+
+def main(argv=None):
+    import common
+    p, args = parse(argv)
     try:
-        rank, world, device = common.setup_distributed(args.device)
+        device = pick_device(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
     try:
         if args.bench:
             return bench(args, device)
         if args.train:
-            train(args, rank, world, device)
-        if rank == 0 and (args.sample or args.reconstruct or args.eval):
-            ck = common.load_checkpoint(os.path.join(args.out, "ckpt.pt"), kind="vae")
+            train(args, device)
+        if args.sample or args.reconstruct or args.eval:
+            ck = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
             model = model_from_checkpoint(ck, device)
             g = torch.Generator(device=device).manual_seed(args.seed)
             if args.sample:
-                png, _ = common.save_samples(args.out, "samples", generate(model, args.sample, g))
-                print(f"wrote {png}")
+                write_samples(args, model, device, args.sample, g)
             if args.reconstruct or args.eval:
                 x = test_images(args, model, device)
             if args.reconstruct:
-                reconstruct(args, model, x[:32], g)
+                reconstruct(args, model, x[:32])
             if args.eval:
                 evaluate(args, ck["args"], model, x, g, ck["step"])
-    except (common.DataError, common.CheckpointError, ValueError, OSError) as e:
+    except FlagError as e:
         p.error(str(e))
+    except (common.DataError, CheckpointError, OSError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     return 0
 
 
-def train(args, rank, world, device):
+# ---- devices and precision
+
+
+def pick_device(name="auto"):
+    """The torch device for --device; on CUDA also lets fp32 matmuls use TF32 (what is left in fp32
+    outside bf16 autocast, and everything under --precision fp32; cuDNN convolutions already do)."""
+    if name == "auto":
+        mps = getattr(torch.backends, "mps", None)
+        name = ("cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available()
+                else "cpu")
+    device = torch.device(name)  # RuntimeError on a malformed string: main makes it a usage error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+def use_bf16(device, precision="auto"):
+    """bf16 autocast: on CUDA, and on CPUs with native bf16 (AVX512-BF16 or AMX), where it measured
+    1.7x the fp32 training speed on 2 cores; never on other devices unless asked."""
+    if precision != "auto":
+        return precision == "bf16"
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return device.type == "cuda" or (device.type == "cpu" and probe is not None and bool(probe()))
+
+
+def autocast(device, bf16):
+    """bf16 autocast around the network (weights, optimiser and the samplers' arithmetic stay
+    fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# ---- the recipe, the optimiser
+
+
+def fill_recipe(args, device):
+    """Fill the flags left unset from the GPU or CPU recipe and say which one was used. The recipe's
+    length (steps and/or minutes) applies only when neither --steps nor --minutes was given."""
+    recipe = dict(RECIPE)
+    length = {k: recipe.pop(k, None) for k in ("steps", "minutes")}
+    if args.steps is None and args.minutes is None:
+        args.steps, args.minutes = length["steps"], length["minutes"]
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    used = ", ".join(f"{k}={getattr(args, k)}" for k in ("steps", "minutes", *recipe)
+                     if getattr(args, k) is not None)
+    precision = "bf16 autocast" if use_bf16(device, args.precision) else "fp32"
+    return f"{'GPU' if device.type == 'cuda' else 'CPU'} recipe: {used}, {precision}"
+
+
+def make_optimizer(model, lr, warmup):
+    """Adam with a linear warm-up of the learning rate over `warmup` steps (DDPM: 2e-4, 5000
+    steps)."""
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    opt = torch.optim.Adam(model.parameters(), lr=lr, **fused)
+    # lr_k = lr min(1, (k+1)/warmup)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup) if warmup
+                                             else 1.0)
+    return opt, warm
+
+
+def macs_per_image(model, *example):
+    """Multiply-accumulates of one forward pass on one image, counted by
+    torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*example)
+    return counter.get_total_flops() // 2
+
+
+def clock(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---- the training loop
+
+
+def train(args, device):
+    import common
+    # ---- data and model: every bad input is found here, before anything is written
     data = common.load_images(args.data, args.data_dir, "train")
     N, C, H, W = data.shape
     if H != W:
         raise common.DataError(f"{args.data}: images are {H}x{W}; use square images")
     torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
-    recipe = common.fill_recipe(args, device, RECIPE, RECIPE)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} does not split evenly over {world} ranks")
-    model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
-    ck_args = dict(kind="vae", in_ch=C, image_size=H, latent_dim=args.latent_dim, hidden=args.hidden, arch=args.arch,
-                   likelihood=args.likelihood, sigma_x=args.sigma_x, seed=args.seed, data=args.data,
-                   steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    recipe = fill_recipe(args, device)
+    try:
+        model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
+    except ValueError as e:  # a VAE the flags describe can't be built for these images
+        raise FlagError(str(e))
+    ck_args = dict(kind="vae", in_ch=C, image_size=H, latent_dim=args.latent_dim,
+                   hidden=args.hidden, arch=args.arch, likelihood=args.likelihood,
+                   sigma_x=args.sigma_x, seed=args.seed, data=args.data, steps=args.steps,
+                   batch_size=args.batch_size, lr=args.lr)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    macs = common.macs_per_image(model, torch.zeros(1, C, H, W, device=device))
-    if rank == 0:
-        common.check_writable(args.out)
-        print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder, {macs / 1e6:.2f}M MACs per "
-              f"image; {N} images {C}x{H}x{W}; device {device}", flush=True)
-    data = data.to(device)
-    opt, lr_sched = common.make_optimizer(model, args.lr, args.warmup)
-    step, seconds = 0, 0.0
-    if args.resume:
-        step, seconds = common.resume(ckpt_path, "vae", ck_args, MODEL_KEYS, model, opt, lr_sched, rank=rank)
-    net = common.wrap(model, world, device, args.compile)
-    budget = common.Budget(args.steps, args.minutes, seconds, world, device=device)
-    bad = common.NonFiniteWatch(device)
+    macs = macs_per_image(model, torch.zeros(1, C, H, W, device=device))
+    check_writable(args.out)
+    print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder, "
+          f"{macs / 1e6:.2f}M MACs per image; {N} images {C}x{H}x{W}; device {device}", flush=True)
+    data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
+    opt, warm = make_optimizer(model, args.lr, args.warmup)
+    step, seconds_before = 0, 0.0
+    if args.resume:  # everything as it was at the checkpoint: weights, Adam, warm-up, RNG
+        ck = load_checkpoint(ckpt_path)
+        check_same(ck["args"], ck_args, ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        warm.load_state_dict(ck["sched"])
+        set_rng_state(ck["rng"])
+        step, seconds_before = ck["step"], ck.get("train_seconds", 0.0)
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    net = torch.compile(model) if args.compile else model
+    bf16 = use_bf16(device, args.precision)
+    start, first_step = time.monotonic(), step
+
+    def seconds():
+        """Training seconds in all, this run and the runs before --resume."""
+        return seconds_before + time.monotonic() - start
+
+    def over(step):
+        """The --steps/--minutes budget."""
+        if args.steps is not None and step >= args.steps:
+            return True
+        return args.minutes is not None and seconds() >= 60 * args.minutes
 
     def save(step):
-        if rank == 0 and not bad.found():
-            common.save_checkpoint(ckpt_path, common.training_state("vae", ck_args, step, budget.seconds(), model, opt, lr_sched))
+        if first_bad.item() >= 0:  # no non-finite weight reaches the disk: the last good file stays
+            return
+        save_checkpoint(ckpt_path, dict(
+            kind="vae", args=ck_args, step=step, train_seconds=seconds(),
+            model=model.state_dict(), opt=opt.state_dict(), sched=warm.state_dict(),
+            rng=rng_state()))
 
-    # ---- training: maximise the ELBO, i.e. minimise -L averaged over the batch (nats per image)
-    bar = common.Progress(budget, start=step, macs_per_step=3 * macs * args.batch_size)
-    lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
-    done = budget.over(step)
-    with common.StopOnInterrupt() as stop:
-        while not done and not stop.requested:
-            g = common.step_generator(args.seed, step, device)
-            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)[lo:hi]
+    # Ctrl-C sets a flag read at the step boundary, so a checkpoint never holds a half-applied step;
+    #   the
+    # previous handler is then back, and a second Ctrl-C acts at once
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT)
+    if in_main_thread:
+        signal.signal(signal.SIGINT, on_sigint)
+    # the first step whose loss or gradient norm was NaN/inf, kept on the device (no host sync per
+    # step); read with each progress line and before every checkpoint
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    done = over(step)
+    try:
+        # VAE: maximise the ELBO, i.e. minimise -L averaged over the batch (nats per image)
+        while not done and not interrupted:
+            # the batch is drawn from (seed, step): after --resume, step k sees what an
+            #   uninterrupted
+            # run would
+            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)
             x = prepare(common.to_range(data[idx], 0), args.likelihood, g)
-            with common.autocast(device, args.precision):
+            with autocast(device, bf16):
                 loss = -elbo(net, x, args.likelihood, args.sigma_x, g).mean()
-            gnorm = common.optimizer_step(loss, model, opt, lr_sched, args.grad_clip)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            warm.step()
             step += 1
-            bad.update(step, loss, gnorm)
-            done = budget.over(step)
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+            done = over(step)
             if step % args.log_every == 0 or done:
-                if bad.found():
+                if first_bad.item() >= 0:
                     break
-                if rank == 0:
-                    print(bar.line(step, loss=loss.item()), flush=True)
+                rate = (step - first_step) / max(time.monotonic() - start, 1e-9)
+                total = f"/{args.steps}" if args.steps is not None else ""
+                if args.minutes is not None:
+                    budget = f"{clock(seconds())}/{clock(60 * args.minutes)}"
+                else:
+                    budget = f"{clock(seconds())} ETA {clock((args.steps - step) / rate)}"
+                print(f"step {step}{total} loss {loss.item():.4g} "
+                      f"MACs {3 * macs * args.batch_size * step:.3g} {rate:.2f} it/s {budget}",
+                      flush=True)  # counted MACs: forward + backward ~ 3 forwards per image
             if step % args.ckpt_every == 0 or done:
                 save(step)
-    common.stop_if_interrupted_or_bad(stop, bad, save, step, rank, "vae.py", args.out)
-    if rank == 0:
-        model.eval()
-        png, _ = common.save_samples(args.out, "samples", generate(model, 64, torch.Generator(device).manual_seed(args.seed)))
-        print(f"wrote {png}")
+        if interrupted:
+            save(step)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if first_bad.item() >= 0:
+        raise SystemExit(f"error: non-finite loss or gradient at step {first_bad.item()}; training "
+                         f"stopped. The last good checkpoint is {ckpt_path} (try a lower --lr, "
+                         "check the data).")
+    if interrupted:
+        print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. Resume with: "
+              f"python vae.py --train --resume --out {args.out}", file=sys.stderr)
+        raise SystemExit(130)
+    print(f"trained {step} steps, {seconds() / 60:.1f} minutes in all; checkpoint {ckpt_path}",
+          flush=True)
+    model.eval()
+    write_samples(args, model, device, 64)
+
+
+# ---- checkpoints: written whole or not at all, loaded without running code
+
+
+def check_writable(folder):
+    """Create the output folder and prove it can be written, before any training starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"output folder {folder} can't be written: {e.strerror or e}")
+
+
+def rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file in the same folder, flush, fsync, then os.replace: a kill at
+    any moment leaves the old file or the new one, never part of one."""
+    import common
+    tmp = common.temporary_name(path)
+    try:
+        with common.open_new(tmp) as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """A vae.py checkpoint as a dict: 'args' (plain values), the 'model' state_dict, 'step',
+    'train_seconds', ... Loaded with weights_only=True: loading can't run code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path} (train first with --train, or point --out "
+                              "at the run's folder)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt and can't be loaded "
+                              f"({type(e).__name__}: {e})")
+    if not isinstance(ck, dict) or "kind" not in ck or "model" not in ck:
+        raise CheckpointError(f"{path} is not a checkpoint written by these scripts")
+    if ck["kind"] != "vae":
+        raise CheckpointError(f"{path} is a {ck['kind']}.py checkpoint, not a vae.py one")
+    return ck
+
+
+def check_same(saved, now, path):
+    """Refuse to resume when the model or data shape differs from the checkpoint's, naming each
+    difference."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in MODEL_KEYS
+            if saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(f"{path} was trained with a different model or data shape:\n  "
+                              + "\n  ".join(diff))
 
 
 def model_from_checkpoint(ck, device):
     """The VAE of a checkpoint, ready to sample, reconstruct and evaluate."""
     saved = ck["args"]
-    model = VAE(saved["in_ch"], saved["image_size"], saved["latent_dim"], saved["hidden"], saved["arch"], saved["likelihood"])
+    model = VAE(saved["in_ch"], saved["image_size"], saved["latent_dim"], saved["hidden"],
+                saved["arch"], saved["likelihood"])
     model.load_state_dict(ck["model"])
     return model.to(device).eval()
 
 
+# ---- sampling, reconstructions, --eval, --bench
+
+
+def write_samples(args, model, device, n, generator=None):
+    import common
+    g = generator or torch.Generator(device).manual_seed(args.seed)
+    png, pt = os.path.join(args.out, "samples.png"), os.path.join(args.out, "samples.pt")
+    x = generate(model, n, g)
+    common.write_png(png, x)
+    save_checkpoint(pt, x.detach().float().cpu())
+    print(f"wrote {png}")
+
+
 def test_images(args, model, device):
+    import common
     x = common.load_images(args.data, args.data_dir, "test")
     if x.shape[1:] != (model.in_ch, model.image_size, model.image_size):
         raise common.DataError(f"{args.data}: images {tuple(x.shape[1:])}, the model takes "
@@ -352,41 +707,104 @@ def test_images(args, model, device):
 
 
 @torch.no_grad()
-def reconstruct(args, model, x, g):
+def reconstruct(args, model, x):
+    import common
     mu, _ = model.encode(x)
     rec = model.decoder_mean(mu)
     n = min(8, len(x))
-    rows = [t for k in range(0, len(x) - len(x) % n, n) for t in (x[k:k + n], rec[k:k + n])]
-    png, _ = common.save_samples(args.out, "reconstructions", torch.cat(rows), nrow=n)
+    rows = [r for k in range(0, len(x) - len(x) % n, n) for r in (x[k:k + n], rec[k:k + n])]
+    png = os.path.join(args.out, "reconstructions.png")
+    pt = os.path.join(args.out, "reconstructions.pt")
+    grid = torch.cat(rows)
+    common.write_png(png, grid, nrow=n)
+    save_checkpoint(pt, grid.detach().float().cpu())
     print(f"wrote {png} (odd rows: test images; even rows: decoder mean of the encoder mean)")
 
 
 @torch.no_grad()
 def evaluate(args, saved, model, x, g, step):
     x = x[:args.eval_n] if args.eval_n else x
-    t0 = time.time()
-    y = prepare(x, saved["likelihood"], g)  # one fixed binarisation / dequantisation of the test set
-    neg_elbo = torch.cat([-elbo(model, yb, saved["likelihood"], saved["sigma_x"], g) for yb in y.split(1000)])
+    start = time.time()
+    y = prepare(x, saved["likelihood"], g)  # one fixed binarisation / dequantisation of the data
+    neg_elbo = torch.cat([-elbo(model, yb, saved["likelihood"], saved["sigma_x"], g)
+                          for yb in y.split(1000)])
     nll = -iwae_bound(model, y, args.k, saved["likelihood"], saved["sigma_x"], g)
     D = x[0].numel()
     for name, v in (("negative ELBO", neg_elbo), (f"IWAE NLL (k={args.k})", nll)):
         se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-        print(f"{name}: {v.mean():.2f} ± {se:.2f} nats/image, {bits_per_dim(v.mean().item(), D, saved['likelihood']):.4f} bits/dim")
-    print(f"({len(x)} test images of {args.data}, {saved['likelihood']} decoder"
-          f"{', dynamically binarised' if saved['likelihood'] == 'bernoulli' else ', dequantised 8-bit'}, "
-          f"step {step}, {time.time() - t0:.1f}s)")
+        bpd = bits_per_dim(v.mean().item(), D, saved["likelihood"])
+        print(f"{name}: {v.mean():.2f} ± {se:.2f} nats/image, {bpd:.4f} bits/dim")
+    how = ", dynamically binarised" if saved["likelihood"] == "bernoulli" else ", dequantised 8-bit"
+    print(f"({len(x)} test images of {args.data}, {saved['likelihood']} decoder{how}, step {step}, "
+          f"{time.time() - start:.1f}s)")
+
+
+def seconds_per_call(fn, device, warmup=3, iters=10):
+    """fn's mean wall time over `iters` calls after `warmup` untimed ones (compilation included)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def peak_memory_mib(device):
+    """Peak memory of this process in MiB: the CUDA allocator's, or the resident set's (Unix
+    only)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
 
 
 def bench(args, device):
-    """--bench: one training step and one decoder call (what generation costs), timed on random data."""
+    """--bench: train()'s training step and one decoder call (what generation costs), timed on
+    random data; one JSON line: parameters, counted MACs per image, training images/s, decoder
+    calls/s."""
+    import common
     C, H = common.data_shape(args.data, args.data_dir)
-    common.fill_recipe(args, device, RECIPE, RECIPE)
+    fill_recipe(args, device)
     torch.manual_seed(args.seed)
     model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
-    x = prepare(torch.rand(args.batch_size, C, H, H, device=device), args.likelihood, None)
-    v = torch.randn(args.batch_size, args.latent_dim, device=device)
-    print(common.bench(model, args, device, loss=lambda net: -elbo(net, x, args.likelihood, args.sigma_x).mean(),
-                       sample_call=lambda net: model.decode(v), example=(x[:1],), ema=False))
+    B = args.batch_size
+    x = prepare(torch.rand(B, C, H, H, device=device), args.likelihood, None)
+    v = torch.randn(B, args.latent_dim, device=device)
+    opt, warm = make_optimizer(model, args.lr, args.warmup)
+    net = torch.compile(model) if args.compile else model
+    bf16 = use_bf16(device, args.precision)
+
+    def train_step():
+        with autocast(device, bf16):
+            loss = -elbo(net, x, args.likelihood, args.sigma_x).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        warm.step()
+
+    def sample_call():
+        with torch.no_grad(), autocast(device, bf16):
+            model.decode(v)
+
+    macs = macs_per_image(model, x[:1])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_train, t_sample = seconds_per_call(train_step, device), seconds_per_call(sample_call, device)
+    print(json.dumps(dict(
+        params=sum(q.numel() for q in model.parameters()), macs_per_image=macs, batch_size=B,
+        train_img_per_s=round(B / t_train, 2), sample_evals_per_s=round(1 / t_sample, 3),
+        sample_img_evals_per_s=round(B / t_sample, 2), peak_mem_mib=peak_memory_mib(device),
+        device=str(device), dtype="bf16 autocast" if bf16 else "fp32", torch=torch.__version__,
+        threads=torch.get_num_threads())))
     return 0
 
 
