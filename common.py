@@ -224,9 +224,10 @@ def _md5(path):
     return h.hexdigest()
 
 
-def download(name, split, data_dir, timeout=30):
+def download(name, split, data_dir, timeout=10):
     """Path of the data set's file for this split, downloaded (checked, atomically written) on first
-    use."""
+    use. Each mirror in turn; one that does not answer within `timeout` seconds fails. A full disk
+    or another write error stops at once (another mirror would not help)."""
     import urllib.request  # here, not at the top: it loads ssl, which nothing else needs
     info = DATASETS[name]
     fname, md5 = info[split]
@@ -234,19 +235,19 @@ def download(name, split, data_dir, timeout=30):
     path = os.path.join(folder, fname)
     if os.path.exists(path) and _md5(path) == md5:
         return path
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the data folder {folder}: {e.strerror}")
     failures = []
     for mirror in info["mirrors"]:
         url = mirror + fname
-        print(f"downloading {url}", file=sys.stderr)
+        print(f"downloading {url}", file=sys.stderr, flush=True)
         tmp = temporary_name(path)
         try:
-            with open_new(tmp) as f, urllib.request.urlopen(url, timeout=timeout) as r:
-                for block in iter(lambda: r.read(1 << 20), b""):
-                    f.write(block)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                f = open_new(tmp)
+            except OSError as e:
+                raise DataError(f"cannot write the data folder {folder}: {e.strerror or e}")
+            with f, urllib.request.urlopen(url, timeout=timeout) as r:
+                _copy(r, f, int(r.headers.get("Content-Length") or 0), path)
             got = _md5(tmp)
             if got != md5:
                 failures.append(f"{url}: checksum {got} is not the expected {md5} "
@@ -254,7 +255,7 @@ def download(name, split, data_dir, timeout=30):
                 continue
             os.replace(tmp, path)  # readers never see a half-written file
             return path
-        except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
+        except (OSError, ValueError) as e:  # the network's: URLError, HTTP errors and timeouts
             failures.append(f"{url}: {e}")
         finally:
             if os.path.exists(tmp):
@@ -263,6 +264,34 @@ def download(name, split, data_dir, timeout=30):
                     + f"\nDownload {fname} (md5 {md5}) from any of the addresses above by hand and "
                     f"put it at {os.path.abspath(path)}, or pass --data PATH with a .pt/.npy "
                     "tensor.")
+
+
+def _copy(response, f, total, path, every=5.0):
+    """Copy a download to the open file f, reporting the bytes so far (of `total`, when the server
+    says) and the rate on stderr: one updating line on a terminal, else a line every `every`
+    seconds."""
+    tty = sys.stderr.isatty()
+    start = last = time.monotonic()
+    done = 0
+    for block in iter(lambda: response.read(1 << 16), b""):
+        try:
+            f.write(block)
+        except OSError as e:  # a full disk, an I/O error: the file's, not the mirror's
+            raise DataError(f"could not write {path}: {e.strerror or e}") from None
+        done += len(block)
+        now = time.monotonic()
+        if now - last >= (0.5 if tty else every) or done == total:
+            last = now
+            of = f" of {total / 1e6:.1f}" if total else ""
+            line = f"  {done / 1e6:.1f}{of} MB, {done / 1e6 / max(now - start, 1e-9):.2f} MB/s"
+            print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr,
+                  flush=True)
+    try:
+        f.flush()
+    except OSError as e:
+        raise DataError(f"could not write {path}: {e.strerror or e}") from None
+    if tty:
+        print(file=sys.stderr)
 
 
 def _read_idx(path):
@@ -444,6 +473,8 @@ def write_png(path, images, nrow=None, pad=2):
         with open_new(tmp) as f:
             f.write(png)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, an I/O error: one message naming the file, no temporary
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

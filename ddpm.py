@@ -17,6 +17,7 @@ network is any callable eps_model(x_t, t) -> ε_θ (an nn.Module, a function, a 
 import argparse
 import contextlib
 import json
+import shlex
 import math
 import os
 import signal
@@ -101,8 +102,8 @@ def _per_image(c, x):
 def q_step(sch, x_prev, t, eps):
     """A draw of x_t from q(x_t|x_{t-1}), one step of the chain, given the noise ε_t."""
     sch = sch.to(x_prev.device)
-    # 扩散过程: q(x_t|x_{t-1}) = N(x_t; sqrt(α_t) x_{t-1}, β_t I), i.e. x_t = sqrt(α_t) x_{t-1} +
-    #   sqrt(β_t) ε_t
+    # 扩散过程: q(x_t|x_{t-1}) = N(x_t; sqrt(α_t) x_{t-1}, β_t I),
+    #          i.e. x_t = sqrt(α_t) x_{t-1} + sqrt(β_t) ε_t
     return (_per_image(sch.alpha[t].sqrt(), x_prev) * x_prev
             + _per_image(sch.beta[t].sqrt(), x_prev) * eps)
 
@@ -154,8 +155,8 @@ def p_mean_variance(eps_model, sch, x_t, t, var="beta_tilde", clip_x0=False):
 # 推导: log p_θ(x_0) >= E_q[log p_θ(x_{0:T}) / q(x_{1:T}|x_0)] = -L_T - Σ_{t=2}^T L_{t-1} - L_0 with
 #   L_T = D_KL(q(x_T|x_0) || p(x_T)),  L_{t-1} = E_q D_KL(q(x_{t-1}|x_t,x_0) || p_θ(x_{t-1}|x_t)),
 #   L_0 = -E_q log p_θ(x_0|x_1).
-# (The notes drop the log in E{Σ p_θ/q} of the last line of this derivation; the terms below have
-#   it.)
+# (The notes drop the log in E{Σ p_θ/q} of the last line of this derivation; the terms below
+# have it.)
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
@@ -312,9 +313,8 @@ def discretized_gaussian_log_likelihood(x, mean, var):
     is the Gaussian density itself, which is not a probability of 8-bit data.)
     """
     std = var.sqrt()
-    # DDPM paper, eq. 13: P(x) = Φ((x + 1/255 - u)/σ) - Φ((x - 1/255 - u)/σ), with Φ(+∞) = 1 at x =
-    #   1
-    # and Φ(-∞) = 0 at x = -1 (the edge bins open)
+    # DDPM paper, eq. 13: P(x) = Φ((x + 1/255 - u)/σ) - Φ((x - 1/255 - u)/σ), with Φ(+∞) = 1 at
+    # x = 1 and Φ(-∞) = 0 at x = -1 (the edge bins open)
     upper = torch.where(x > 0.999, torch.ones_like(x),
                         _std_normal_cdf((x + 1 / 255 - mean) / std))
     lower = torch.where(x < -0.999, torch.zeros_like(x),
@@ -391,12 +391,11 @@ def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generat
         x0_hat = (x - math.sqrt(1 - ab_t) * eps_theta) / math.sqrt(ab_t)
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
-            # 扩散过程 solved for ε: ε = (x_t - sqrt(ᾱ_t) x̂_0) / sqrt(1-ᾱ_t), the noise the clipped
-            #   x̂_0
-            # implies
+            # 扩散过程 solved for ε: ε = (x_t - sqrt(ᾱ_t) x̂_0) / sqrt(1-ᾱ_t), the noise that the
+            # clipped x̂_0 implies
             eps_theta = (x - math.sqrt(ab_t) * x0_hat) / math.sqrt(1 - ab_t)
-        # DDIM eq. 16: σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev); η = 1, prev = t-1:
-        #   sqrt(β̃_t)
+        # DDIM eq. 16: σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev)
+        #   (η = 1, prev = t-1: σ = sqrt(β̃_t))
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
         # DDIM eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ^2) ε_θ + σ z
         x = math.sqrt(ab_prev) * x0_hat + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps_theta
@@ -408,8 +407,7 @@ def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generat
 
 
 # ---- the SDE view (the notes' empty SDE section; Song et al. 2021, "Score-Based Generative
-#   Modeling
-# through Stochastic Differential Equations", cited as [SDE] with its equation numbers)
+# Modeling through Stochastic Differential Equations", cited as [SDE] with its equation numbers)
 #
 # [SDE] eq. 11: the forward chain x_t = sqrt(1-β_t) x_{t-1} + sqrt(β_t) ε_t (扩散过程, q_step) is the
 #   discretisation, on the grid τ = t/T, of the variance-preserving SDE
@@ -580,19 +578,15 @@ def ode_bound(eps_model, sch, x0, steps=100, probes=1, var="beta_tilde", generat
 # Command line: recipes and flags, the training loop, sampling, --eval, --bench
 #
 # Nothing above this banner needs it. It takes the U-Net, the data and the PNG writer from
-#   common.py,
-# imported in the functions that use them, so that `import ddpm` itself needs only torch.
+# common.py, imported in the functions that use them, so that `import ddpm` itself needs only torch.
 
 # GPU: the DDPM paper's optimisation, with a 1.1M-parameter U-Net for 28px data (the paper's
-#   CIFAR-10
-# model is --ch 128 --ch-mult 1,2,2,2 --res-blocks 2 --attn 1 --dropout 0.1)
+# CIFAR-10 model is --ch 128 --ch-mult 1,2,2,2 --res-blocks 2 --attn 1 --dropout 0.1)
 GPU_RECIPE = dict(steps=100_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999,
                   ch=32, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
 # CPU: chosen for digits per multiply-accumulate and per second on 2 cores (README: time to
-#   quality);
-# nothing in it depends on how long it runs: constant learning rate after the warm-up, EMA ramped by
-#   the
-# step count
+# quality); nothing in it depends on how long it runs: constant learning rate after the warm-up,
+# EMA ramped by the step count
 CPU_RECIPE = dict(minutes=15, batch_size=32, lr=1.5e-3, warmup=100, ema_decay=0.999,
                   ch=16, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
 MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", "attn",
@@ -635,7 +629,7 @@ INT_LIST = _flag(lambda s: [int(v) for v in s.split(",") if v.strip()], lambda v
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="DDPM, annotated against the notes (python ddpm.py --train)")
+        prog="ddpm.py", description="DDPM, annotated against the notes (python ddpm.py --train)")
     g = p.add_argument_group("what to do")
     g.add_argument("--train", action="store_true",
                    help="train (downloads the data set on first use)")
@@ -752,11 +746,21 @@ def parse(argv):
 def main(argv=None):
     import common
     p, args = parse(argv)
+    args.command = resume_command(argv)
+    # SIGTERM (a cluster's preemption or time limit) and SIGHUP stop the program as Ctrl-C does:
+    # training at a step boundary with a checkpoint (train), anything else at once, with no output
+    # file half-written. A signal ignored at start (nohup) stays ignored.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in stop_signals() if s != signal.SIGINT}
+        for s, handler in previous.items():
+            if handler == signal.SIG_DFL:
+                signal.signal(s, raise_interrupt)
     try:
-        rank, world, device = setup_distributed(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
-    try:
+        try:
+            rank, world, device = setup_distributed(args.device)
+        except RuntimeError as e:
+            p.error(f"--device {args.device}: {e}")
         if args.bench:
             return bench(args, device)
         if args.train:
@@ -770,10 +774,42 @@ def main(argv=None):
                 evaluate(args, model, sch, device, ck)
     except FlagError as e:
         p.error(str(e))
-    except (common.DataError, CheckpointError, OSError) as e:
+    except (common.DataError, CheckpointError, OSError) as e:  # the user's to fix: no usage block
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"{p.prog}: interrupted by {signal.Signals(signum).name}; no output file is left "
+              "half-written", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
+
+
+def stop_signals():
+    """Ctrl-C, the scheduler's SIGTERM and, where there is one, SIGHUP (the terminal closed)."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM or SIGHUP outside the training loop: stop as Ctrl-C does."""
+    raise KeyboardInterrupt(signum)
+
+
+def resume_command(argv):
+    """The command that continues this run: its own command line plus --resume (torchrun's under
+    torchrun; with several nodes, add your rendezvous flags)."""
+    script, flags = ("ddpm.py", list(argv)) if argv is not None else (sys.argv[0], sys.argv[1:])
+    flags += [] if "--resume" in flags else ["--resume"]
+    launcher = ["python"]
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        launcher = ["torchrun"] + (["--nnodes", str(world // local)] if world > local else [])
+        launcher += ["--nproc_per_node", str(local)]
+    return shlex.join(launcher + [script] + flags)
 
 
 # ---- devices and precision
@@ -823,6 +859,13 @@ def setup_distributed(device_name="auto"):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def agree(flag, device):
+    """Rank 0's flag, on every rank of a torchrun run (one broadcast)."""
+    value = torch.tensor(float(flag), device=device)
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
 
 
 # ---- the recipe, the optimiser, the EMA
@@ -895,11 +938,26 @@ def clock(seconds):
 
 def train(args, rank, world, device):
     import common
-    # ---- data and model: every bad input is found here, before anything is written
-    data = common.load_images(args.data, args.data_dir, "train")
+    # ---- data and model: every bad input is found here, before anything is written. Under torchrun
+    # rank 0 alone downloads (and reports progress); the others then read its checked file.
+    data, error = None, None
+    if rank == 0:
+        try:
+            data = common.load_images(args.data, args.data_dir, "train")
+        except common.DataError as e:
+            error = e
+    if world > 1 and not agree(error is None, device) and rank > 0:
+        raise common.DataError(f"rank 0 could not load {args.data} (its message says why)")
+    if error is not None:
+        raise error
+    if rank > 0:
+        data = common.load_images(args.data, args.data_dir, "train")
     N, C, H, W = data.shape
     if H != W:
         raise common.DataError(f"{args.data}: images are {H}x{W}; the U-Net takes square images")
+    if C not in (1, 3):
+        raise common.DataError(f"{args.data}: {C} channels; the samples' PNG takes 1 (grey) or 3 "
+                               "(RGB)")
     torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
     recipe = fill_recipe(args, device)
     if args.batch_size % world:
@@ -952,39 +1010,58 @@ def train(args, rank, world, device):
         return seconds_before + time.monotonic() - start
 
     def over(step):
-        """The --steps/--minutes budget. Under torchrun the ranks' clocks differ slightly: every 20
-        steps rank 0's decision is broadcast, so all ranks stop at the same step."""
+        """Stop after this step? The --steps and --minutes budgets, or a signal. Under torchrun the
+        ranks' clocks differ and a signal may reach one rank first: every 20 steps one all-reduce
+        shares rank 0's clock and every rank's signal, so all ranks stop after the same step."""
         if args.steps is not None and step >= args.steps:
             return True
-        if args.minutes is None or (world > 1 and step % 20):
+        time_up = args.minutes is not None and seconds() >= 60 * args.minutes
+        if world == 1:
+            return time_up or bool(signals)
+        if step % 20:
             return False
-        time_up = torch.tensor(float(seconds() >= 60 * args.minutes), device=device)
-        if world > 1:
-            torch.distributed.broadcast(time_up, src=0)
-        return bool(time_up.item())
+        flags = torch.tensor([float(time_up and rank == 0), max(signals, default=0)], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[1] > 0 and not signals:
+            signals.append(int(flags[1]))
+        return bool(flags.max() > 0)
 
     def save(step):
-        if first_bad.item() >= 0:  # no non-finite weight reaches the disk: the last good file stays
-            return
-        if rank == 0:
-            save_checkpoint(ckpt_path, dict(
-                kind="ddpm", args=ck_args, step=step, train_seconds=seconds(),
-                model=model.state_dict(), opt=opt.state_dict(), sched=warm.state_dict(),
-                rng=rng_state(), ema=ema.module.state_dict(), ema_n=int(ema.n_averaged.item())))
+        """Rank 0 writes the checkpoint, unless a loss or gradient was non-finite (the last good
+        file stays). Under torchrun every rank learns whether the write worked, so a full disk stops
+        them all instead of leaving the others waiting in the next all-reduce."""
+        error = None
+        if rank == 0 and first_bad.item() < 0:
+            try:
+                save_checkpoint(ckpt_path, dict(
+                    kind="ddpm", args=ck_args, step=step, train_seconds=seconds(),
+                    model=model.state_dict(), opt=opt.state_dict(), sched=warm.state_dict(),
+                    rng=rng_state(), ema=ema.module.state_dict(), ema_n=int(ema.n_averaged.item())))
+            except OSError as e:
+                error = e
+        if world > 1 and not agree(error is None, device) and rank > 0:
+            raise CheckpointError(f"rank 0 could not write {ckpt_path} (its message says why)")
+        if error is not None:
+            raise error
 
-    # Ctrl-C sets a flag read at the step boundary, so a checkpoint never holds a half-applied step;
-    #   the
-    # previous handler is then back, and a second Ctrl-C acts at once
-    interrupted = []
+    # Ctrl-C (SIGINT), SIGTERM (a cluster's preemption or time limit) and SIGHUP set a flag read at
+    # the step boundary, so a checkpoint never holds a half-applied step. The previous handler is
+    # then back and a second signal acts at once; not under torchrun, whose agent passes the
+    # terminal's signal on to every worker again. A signal ignored at start (nohup, `&`) stays
+    # ignored.
+    signals = []
 
-    def on_sigint(signum, frame):
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, previous)
+    def on_signal(signum, frame):
+        if not signals and world == 1:
+            signal.signal(signum, previous[signum])
+        signals.append(signum)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT)
-    if in_main_thread:
-        signal.signal(signal.SIGINT, on_sigint)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in stop_signals()}
+        for s, handler in previous.items():
+            if handler != signal.SIG_IGN:
+                signal.signal(s, on_signal)
     # the first step whose loss or gradient norm was NaN/inf, kept on the device (no host sync per
     # step); read with each progress line and before every checkpoint
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -993,7 +1070,7 @@ def train(args, rank, world, device):
     done = over(step)
     try:
         # 训练与推理: x_0 ~ data, t ~ U{1..T}, ε ~ N(0, I), a gradient step on L_simple
-        while not done and not interrupted:
+        while not done:
             # the whole global batch is drawn from (seed, step), each rank takes its slice: after
             # --resume, or on every torchrun rank, step k sees what an uninterrupted process would
             g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
@@ -1029,20 +1106,18 @@ def train(args, rank, world, device):
                           flush=True)  # counted MACs: forward + backward ~ 3 forwards per image
             if step % args.ckpt_every == 0 or done:
                 save(step)
-        if interrupted:
-            save(step)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if first_bad.item() >= 0:
         raise SystemExit(f"error: non-finite loss or gradient at step {first_bad.item()}; training "
                          f"stopped. The last good checkpoint is {ckpt_path} (try a lower --lr, "
                          "check the data).")
-    if interrupted:
+    if signals:
         if rank == 0:
-            print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. Resume with: "
-                  f"python ddpm.py --train --resume --out {args.out}", file=sys.stderr)
-        raise SystemExit(130)
+            print(f"interrupted by {signal.Signals(signals[0]).name} at step {step}; checkpoint "
+                  f"written to {ckpt_path}. Resume with:\n  {args.command}", file=sys.stderr)
+        raise SystemExit(128 + signals[0])
     if rank == 0:
         print(f"trained {step} steps, {seconds() / 60:.1f} minutes in all; checkpoint {ckpt_path}",
               flush=True)
@@ -1079,7 +1154,9 @@ def set_rng_state(state):
 
 def save_checkpoint(path, obj):
     """torch.save to a temporary file in the same folder, flush, fsync, then os.replace: a kill at
-    any moment leaves the old file or the new one, never part of one."""
+    any moment leaves the old file or the new one, never part of one. A full disk or an I/O
+    error, at whichever layer, is one OSError naming `path`, the old file intact, no temporary file
+    left."""
     import common
     tmp = common.temporary_name(path)
     try:
@@ -1088,6 +1165,11 @@ def save_checkpoint(path, obj):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch's zip writer wraps it
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, f"could not write {path}: {cause.strerror or cause}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1211,8 +1293,8 @@ def evaluate(args, model, sch, device, ck):
               f"{torch.cat(bpds).mean():.4f}", file=sys.stderr)
     bpd = torch.cat(bpds)
     # the spread over images already holds the noise of each image's estimate (x_t draws, the drawn
-    # t's with --eval-t, the probes with --ode); for a single image only its own standard error is
-    #   left
+    # t's with --eval-t, the probes with --ode); for a single image only its own standard error
+    # is left
     se = (bpd.std() / math.sqrt(len(bpd))).item() if len(bpd) > 1 else torch.cat(ses)[0].item()
     if args.ode:
         how = (f"probability-flow ODE, {args.ode_steps} Heun steps, {args.probes} probe(s) per "

@@ -15,6 +15,7 @@ ScoreNet common.UNet; the samplers take any score function score_fn(x, i).
 import argparse
 import contextlib
 import json
+import shlex
 import math
 import os
 import signal
@@ -74,8 +75,8 @@ def geometric_sigmas(sigma_1=1.0, sigma_L=0.01, L=10):
     if L > 1 and not sigma_1 > sigma_L:
         raise ValueError(f"sigma_1 ({sigma_1}) must exceed sigma_L ({sigma_L})")
     sig = torch.zeros(L + 1, dtype=torch.float64)
-    # Gradient model (NCSN Sec. 4.2): log σ_i evenly spaced from log σ_1 to log σ_L, σ_i/σ_{i+1}
-    #   constant
+    # Gradient model (NCSN Sec. 4.2): log σ_i evenly spaced from log σ_1 to log σ_L, so σ_i/σ_{i+1}
+    # is the same for every i
     sig[1:] = (torch.logspace(math.log10(sigma_1), math.log10(sigma_L), L, dtype=torch.float64)
                if L > 1 else sigma_1)
     return sig
@@ -83,9 +84,8 @@ def geometric_sigmas(sigma_1=1.0, sigma_L=0.01, L=10):
 
 def dsm_target(x_tilde, x, sigma):
     """The score of the perturbation kernel p_σ(x̃|x) = N(x, σ^2 I) at x̃."""
-    # Gradient model: ∇_x̃ log p_σ(x̃|x) = ∇_x̃ [-||x̃ - x||^2 / (2σ^2)] = -(x̃ - x)/σ^2  (= -ε/σ
-    #   for
-    # x̃ = x + σε)
+    # Gradient model: ∇_x̃ log p_σ(x̃|x) = ∇_x̃ [-||x̃ - x||^2 / (2σ^2)] = -(x̃ - x)/σ^2
+    #   (= -ε/σ for x̃ = x + σε)
     return -(x_tilde - x) / sigma ** 2
 
 
@@ -109,8 +109,8 @@ def dsm_loss(score_model, x, sigmas, generator=None, i=None, eps=None):
     # Gradient model: x̃ = x + σ_i ε,  ε ~ N(0, I)
     x_tilde = x + sigma * eps
     s_theta = score_model(x_tilde, i).float()
-    # Gradient model: λ(σ_i) ||s_θ(x̃, i) + ε/σ_i||^2 with λ(σ_i) = σ_i^2, i.e. ||σ_i s_θ(x̃, i) +
-    #   ε||^2
+    # Gradient model: λ(σ_i) ||s_θ(x̃, i) + ε/σ_i||^2 with λ(σ_i) = σ_i^2,
+    #   i.e. ||σ_i s_θ(x̃, i) + ε||^2
     return ((sigma * s_theta + eps) ** 2).flatten(1).sum(1).mean()
 
 
@@ -214,11 +214,9 @@ class ScoreNet(nn.Module):
 #   dx = sqrt(d[σ^2(τ)]/dτ) dw run to τ_i.
 # Annealed Langevin dynamics (Algorithm 1) is a corrector alone: at each level it moves towards
 # p_{σ_i} by Langevin steps, and lets the next level start where this one ends. [SDE] Algorithm 2
-#   adds
-# a predictor: a step of the reverse-time SDE from σ_{i-1} down to σ_i before the corrector steps
-# (pc_sample). Conditional instance norm++ is a table over i = 1..L, so the network only exists at
-#   the
-# trained levels: the sampler below stays on them.
+# adds a predictor: a step of the reverse-time SDE from σ_{i-1} down to σ_i before the corrector
+# steps (pc_sample). Conditional instance norm++ is a table over i = 1..L, so the network only
+# exists at the trained levels: the sampler below stays on them.
 
 
 def ve_sigma(tau, sigma_min=0.01, sigma_max=1.0):
@@ -255,8 +253,8 @@ def pc_sample(score_fn, x, sigmas, corrector_steps=1, snr=0.16, denoise=False, g
             z = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
             drop = sig[i - 1] ** 2 - sig[i] ** 2
             # [SDE] eq. 46 for the VE SDE:
-            #   x_i = x_{i-1} + (σ_{i-1}^2 - σ_i^2) s_θ(x_{i-1}, σ_{i-1}) + sqrt(σ_{i-1}^2 - σ_i^2)
-            #     z
+            #   x_i = x_{i-1} + (σ_{i-1}^2 - σ_i^2) s_θ(x_{i-1}, σ_{i-1})
+            #         + sqrt(σ_{i-1}^2 - σ_i^2) z
             x = x + drop * score_fn(x, prev).to(x.dtype) + math.sqrt(drop) * z
         level = torch.full((B,), i, device=x.device, dtype=torch.long)
         for _ in range(corrector_steps):
@@ -276,8 +274,7 @@ def pc_sample(score_fn, x, sigmas, corrector_steps=1, snr=0.16, denoise=False, g
 # Command line: recipes and flags, the training loop, sampling, --bench
 #
 # Nothing above this banner needs it but ScoreNet. It takes the U-Net, the data and the PNG writer
-#   from
-# common.py, imported in the functions that use them.
+# from common.py, imported in the functions that use them.
 
 # GPU: NCSN's Adam 1e-3, batch 128
 GPU_RECIPE = dict(steps=100_000, batch_size=128, lr=1e-3, warmup=0, ema_decay=0.999)
@@ -318,8 +315,9 @@ INT_LIST = _flag(lambda s: [int(v) for v in s.split(",") if v.strip()], lambda v
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="NCSN score model, annotated against the notes "
-                                            "(python ncsn.py --train)")
+    p = argparse.ArgumentParser(
+        prog="ncsn.py",
+        description="NCSN score model, annotated against the notes (python ncsn.py --train)")
     g = p.add_argument_group("what to do")
     g.add_argument("--train", action="store_true",
                    help="train (downloads the data set on first use)")
@@ -411,11 +409,21 @@ def parse(argv):
 def main(argv=None):
     import common
     p, args = parse(argv)
+    args.command = resume_command(argv)
+    # SIGTERM (a cluster's preemption or time limit) and SIGHUP stop the program as Ctrl-C does:
+    # training at a step boundary with a checkpoint (train), anything else at once, with no output
+    # file half-written. A signal ignored at start (nohup) stays ignored.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in stop_signals() if s != signal.SIGINT}
+        for s, handler in previous.items():
+            if handler == signal.SIG_DFL:
+                signal.signal(s, raise_interrupt)
     try:
-        rank, world, device = setup_distributed(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
-    try:
+        try:
+            rank, world, device = setup_distributed(args.device)
+        except RuntimeError as e:
+            p.error(f"--device {args.device}: {e}")
         if args.bench:
             return bench(args, device)
         if args.train:
@@ -426,10 +434,42 @@ def main(argv=None):
             write_samples(args, model, sigmas, device, args.sample, args.strip)
     except FlagError as e:
         p.error(str(e))
-    except (common.DataError, CheckpointError, OSError) as e:
+    except (common.DataError, CheckpointError, OSError) as e:  # the user's to fix: no usage block
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"{p.prog}: interrupted by {signal.Signals(signum).name}; no output file is left "
+              "half-written", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
+
+
+def stop_signals():
+    """Ctrl-C, the scheduler's SIGTERM and, where there is one, SIGHUP (the terminal closed)."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM or SIGHUP outside the training loop: stop as Ctrl-C does."""
+    raise KeyboardInterrupt(signum)
+
+
+def resume_command(argv):
+    """The command that continues this run: its own command line plus --resume (torchrun's under
+    torchrun; with several nodes, add your rendezvous flags)."""
+    script, flags = ("ncsn.py", list(argv)) if argv is not None else (sys.argv[0], sys.argv[1:])
+    flags += [] if "--resume" in flags else ["--resume"]
+    launcher = ["python"]
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        launcher = ["torchrun"] + (["--nnodes", str(world // local)] if world > local else [])
+        launcher += ["--nproc_per_node", str(local)]
+    return shlex.join(launcher + [script] + flags)
 
 
 # ---- devices and precision
@@ -479,6 +519,13 @@ def setup_distributed(device_name="auto"):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def agree(flag, device):
+    """Rank 0's flag, on every rank of a torchrun run (one broadcast)."""
+    value = torch.tensor(float(flag), device=device)
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
 
 
 # ---- the recipe, the optimiser, the EMA
@@ -557,11 +604,26 @@ def clock(seconds):
 
 def train(args, rank, world, device):
     import common
-    # ---- data and model: every bad input is found here, before anything is written
-    data = common.load_images(args.data, args.data_dir, "train")
+    # ---- data and model: every bad input is found here, before anything is written. Under torchrun
+    # rank 0 alone downloads (and reports progress); the others then read its checked file.
+    data, error = None, None
+    if rank == 0:
+        try:
+            data = common.load_images(args.data, args.data_dir, "train")
+        except common.DataError as e:
+            error = e
+    if world > 1 and not agree(error is None, device) and rank > 0:
+        raise common.DataError(f"rank 0 could not load {args.data} (its message says why)")
+    if error is not None:
+        raise error
+    if rank > 0:
+        data = common.load_images(args.data, args.data_dir, "train")
     N, C, H, W = data.shape
     if H != W:
         raise common.DataError(f"{args.data}: images are {H}x{W}; the U-Net takes square images")
+    if C not in (1, 3):
+        raise common.DataError(f"{args.data}: {C} channels; the samples' PNG takes 1 (grey) or 3 "
+                               "(RGB)")
     torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
     recipe = fill_recipe(args, device)
     if args.batch_size % world:
@@ -583,7 +645,8 @@ def train(args, rank, world, device):
         check_writable(args.out)
         print(f"{recipe}; {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "
               f"{macs / 1e6:.1f}M MACs per image; L={args.levels} levels σ {args.sigma_1}.."
-              f"{args.sigma_L}; {N} images {C}x{H}x{W}; device {device}", flush=True)
+              f"{args.sigma_L}; {N} images {C}x{H}x{W}; device {device}; {world} process(es)",
+              flush=True)
     data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
     opt, warm = make_optimizer(model, args.lr, args.warmup)
     ema = make_ema(model, args.ema_decay)
@@ -614,39 +677,58 @@ def train(args, rank, world, device):
         return seconds_before + time.monotonic() - start
 
     def over(step):
-        """The --steps/--minutes budget. Under torchrun the ranks' clocks differ slightly: every 20
-        steps rank 0's decision is broadcast, so all ranks stop at the same step."""
+        """Stop after this step? The --steps and --minutes budgets, or a signal. Under torchrun the
+        ranks' clocks differ and a signal may reach one rank first: every 20 steps one all-reduce
+        shares rank 0's clock and every rank's signal, so all ranks stop after the same step."""
         if args.steps is not None and step >= args.steps:
             return True
-        if args.minutes is None or (world > 1 and step % 20):
+        time_up = args.minutes is not None and seconds() >= 60 * args.minutes
+        if world == 1:
+            return time_up or bool(signals)
+        if step % 20:
             return False
-        time_up = torch.tensor(float(seconds() >= 60 * args.minutes), device=device)
-        if world > 1:
-            torch.distributed.broadcast(time_up, src=0)
-        return bool(time_up.item())
+        flags = torch.tensor([float(time_up and rank == 0), max(signals, default=0)], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[1] > 0 and not signals:
+            signals.append(int(flags[1]))
+        return bool(flags.max() > 0)
 
     def save(step):
-        if first_bad.item() >= 0:  # no non-finite weight reaches the disk: the last good file stays
-            return
-        if rank == 0:
-            save_checkpoint(ckpt_path, dict(
-                kind="ncsn", args=ck_args, step=step, train_seconds=seconds(),
-                model=model.state_dict(), opt=opt.state_dict(), sched=warm.state_dict(),
-                rng=rng_state(), ema=ema.module.state_dict(), ema_n=int(ema.n_averaged.item())))
+        """Rank 0 writes the checkpoint, unless a loss or gradient was non-finite (the last good
+        file stays). Under torchrun every rank learns whether the write worked, so a full disk stops
+        them all instead of leaving the others waiting in the next all-reduce."""
+        error = None
+        if rank == 0 and first_bad.item() < 0:
+            try:
+                save_checkpoint(ckpt_path, dict(
+                    kind="ncsn", args=ck_args, step=step, train_seconds=seconds(),
+                    model=model.state_dict(), opt=opt.state_dict(), sched=warm.state_dict(),
+                    rng=rng_state(), ema=ema.module.state_dict(), ema_n=int(ema.n_averaged.item())))
+            except OSError as e:
+                error = e
+        if world > 1 and not agree(error is None, device) and rank > 0:
+            raise CheckpointError(f"rank 0 could not write {ckpt_path} (its message says why)")
+        if error is not None:
+            raise error
 
-    # Ctrl-C sets a flag read at the step boundary, so a checkpoint never holds a half-applied step;
-    #   the
-    # previous handler is then back, and a second Ctrl-C acts at once
-    interrupted = []
+    # Ctrl-C (SIGINT), SIGTERM (a cluster's preemption or time limit) and SIGHUP set a flag read at
+    # the step boundary, so a checkpoint never holds a half-applied step. The previous handler is
+    # then back and a second signal acts at once; not under torchrun, whose agent passes the
+    # terminal's signal on to every worker again. A signal ignored at start (nohup, `&`) stays
+    # ignored.
+    signals = []
 
-    def on_sigint(signum, frame):
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, previous)
+    def on_signal(signum, frame):
+        if not signals and world == 1:
+            signal.signal(signum, previous[signum])
+        signals.append(signum)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT)
-    if in_main_thread:
-        signal.signal(signal.SIGINT, on_sigint)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in stop_signals()}
+        for s, handler in previous.items():
+            if handler != signal.SIG_IGN:
+                signal.signal(s, on_signal)
     # the first step whose loss or gradient norm was NaN/inf, kept on the device (no host sync per
     # step); read with each progress line and before every checkpoint
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -655,8 +737,8 @@ def train(args, rank, world, device):
     done = over(step)
     try:
         # Gradient model: x ~ data in [0, 1], i ~ U{1..L}, ε ~ N(0, I), a gradient step on the DSM
-        #   loss
-        while not done and not interrupted:
+        # loss
+        while not done:
             # the whole global batch is drawn from (seed, step), each rank takes its slice: after
             # --resume, or on every torchrun rank, step k sees what an uninterrupted process would
             g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
@@ -691,20 +773,18 @@ def train(args, rank, world, device):
                           flush=True)  # counted MACs: forward + backward ~ 3 forwards per image
             if step % args.ckpt_every == 0 or done:
                 save(step)
-        if interrupted:
-            save(step)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if first_bad.item() >= 0:
         raise SystemExit(f"error: non-finite loss or gradient at step {first_bad.item()}; training "
                          f"stopped. The last good checkpoint is {ckpt_path} (try a lower --lr, "
                          "check the data).")
-    if interrupted:
+    if signals:
         if rank == 0:
-            print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. Resume with: "
-                  f"python ncsn.py --train --resume --out {args.out}", file=sys.stderr)
-        raise SystemExit(130)
+            print(f"interrupted by {signal.Signals(signals[0]).name} at step {step}; checkpoint "
+                  f"written to {ckpt_path}. Resume with:\n  {args.command}", file=sys.stderr)
+        raise SystemExit(128 + signals[0])
     if rank == 0:
         print(f"trained {step} steps, {seconds() / 60:.1f} minutes in all; checkpoint {ckpt_path}",
               flush=True)
@@ -740,7 +820,9 @@ def set_rng_state(state):
 
 def save_checkpoint(path, obj):
     """torch.save to a temporary file in the same folder, flush, fsync, then os.replace: a kill at
-    any moment leaves the old file or the new one, never part of one."""
+    any moment leaves the old file or the new one, never part of one. A full disk or an I/O
+    error, at whichever layer, is one OSError naming `path`, the old file intact, no temporary file
+    left."""
     import common
     tmp = common.temporary_name(path)
     try:
@@ -749,6 +831,11 @@ def save_checkpoint(path, obj):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch's zip writer wraps it
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, f"could not write {path}: {cause.strerror or cause}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -4,6 +4,11 @@ CLI tests call each script's main(argv) in-process with a tiny T and tiny models
 separate process (SIGKILL, torchrun) start one.
 """
 import contextlib
+import errno
+import re
+import shlex
+import socket
+import time
 import signal
 import subprocess
 import sys
@@ -295,7 +300,67 @@ def test_download_failure_is_one_clear_message(fake_mnist, tmp_path, capsys):
                                       "--out", str(tmp_path / "run")], capsys)
     assert "404" in err and "checksum" in err and "by hand" in err and "train-images-idx3-ubyte.gz" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+    assert "usage:" not in err and "\nddpm.py: error: could not download" in err  # no flag was wrong
     assert list((data_dir / "mnist").iterdir()) == []  # nothing half-written left behind
+
+
+class FullDisk:
+    """A file that takes `after` bytes, then fails every write as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, after=0):
+        self.f, self.left = f, after
+
+    def write(self, b):
+        if len(b) > self.left:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.left -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_download_reports_progress_and_a_silent_mirror_times_out(fake_mnist, tmp_path, monkeypatch, capsys):
+    entry, good, _, data_dir = fake_mnist
+    payload = gzip.compress(struct.pack(">IIII", 2051, 1000, 28, 28) + os.urandom(1000 * 28 * 28))
+    (good / "train-images-idx3-ubyte.gz").write_bytes(payload)
+    entry["train"] = ("train-images-idx3-ubyte.gz", hashlib.md5(payload).hexdigest())
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    with serve(good) as (u_good, seen):
+        entry["mirrors"] = [f"http://127.0.0.1:{silent.getsockname()[1]}/", u_good]
+        start = time.monotonic()
+        path = common.download("mnist", "train", str(data_dir), timeout=0.5)
+        assert time.monotonic() - start < 5 and len(seen) == 1
+        err = capsys.readouterr().err
+        # stderr is not a terminal here: plain lines, bytes of the total and the rate
+        mb = len(payload) / 1e6
+        assert re.search(rf"  {mb:.1f} of {mb:.1f} MB, [0-9.]+ MB/s\n", err), err
+        os.remove(path)
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: one line, updated with \r
+        common.download("mnist", "train", str(data_dir), timeout=0.5)
+        assert re.search(rf"\r  {mb:.1f} of {mb:.1f} MB", capsys.readouterr().err)
+    silent.close()
+
+
+def test_download_stops_at_a_full_disk_without_trying_other_mirrors(fake_mnist, monkeypatch):
+    entry, good, _, data_dir = fake_mnist
+
+    real_open = common.open_new
+    monkeypatch.setattr(common, "open_new", lambda path: FullDisk(real_open(path), after=100))
+    with serve(good) as (u1, seen1), serve(good) as (u2, seen2):
+        entry["mirrors"] = [u1, u2]
+        with pytest.raises(common.DataError, match="could not write .*train-images-idx3-ubyte.gz: No space left"):
+            common.load_images("mnist", str(data_dir))
+        assert len(seen1) == 1 and seen2 == []  # the second mirror was not asked
+    assert list((data_dir / "mnist").iterdir()) == []  # no temporary file left
 
 
 # ---------------------------------------------------------------------------------------------------------- VAE
@@ -474,25 +539,210 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(name, tmp_pat
     assert_same_state(a, b)
 
 
+# Kills at each point of the checkpoint write: os._exit (no clean-up, like SIGKILL) while the temporary file
+# is half written, after it is written and before fsync, after fsync and before the replace, right after
+# the replace; all in the write of step 6's checkpoint, step 3's being on disk. The children are forks of
+# a process that has imported torch but run nothing, so that fork is safe.
+KILL_INSIDE_WRITE = """
+import json, os, sys
+import common
+module = __import__(sys.argv[1])
+runs = json.loads(sys.argv[2])
+real_save, real_open, real_fsync, real_replace = module.save_checkpoint, common.open_new, os.fsync, os.replace
+armed = []
+
+def save(path, obj):
+    armed[:] = [isinstance(obj, dict) and obj.get("step") == 6]
+    real_save(path, obj)
+
+class HalfThenDie:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, b):
+        if self.n + len(b) > 2000:  # write part of this block, make it reach the disk, die
+            self.f.write(b[:len(b) // 2])
+            self.f.flush()
+            os._exit(9)
+        self.n += len(b)
+        return self.f.write(b)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+
+pids = {}
+for point, argv in runs.items():
+    pid = os.fork()
+    if pid == 0:
+        def open_new(path):
+            f = real_open(path)
+            return HalfThenDie(f) if armed[0] and point == "half written" and path.endswith(".tmp") else f
+        def fsync(fd):
+            if armed[0] and point == "before fsync":
+                os._exit(9)
+            real_fsync(fd)
+        def replace(a, b):
+            if armed[0] and point == "before replace":
+                os._exit(9)
+            real_replace(a, b)
+            if armed[0] and point == "after replace" and b.endswith("ckpt.pt"):
+                os._exit(9)
+        armed[:] = [False]
+        module.save_checkpoint, common.open_new, os.fsync, os.replace = save, open_new, fsync, replace
+        module.main(argv)
+        os._exit(0)
+    pids[point] = pid
+print(json.dumps({point: os.waitpid(pid, 0)[1] >> 8 for point, pid in pids.items()}))
+"""
+KILL_POINTS = {"half written": 3, "before fsync": 3, "before replace": 3, "after replace": 6}  # -> step on disk
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_ctrl_c_saves_and_says_how_to_resume(name, tmp_path, tiny_pt, monkeypatch, capsys):
-    module, _, loss_name = SCRIPTS[name]
-    real, calls = getattr(module, loss_name), []
+def test_kill_inside_the_checkpoint_write_leaves_a_checkpoint_that_resumes(name, tmp_path, tiny_pt):
+    module = SCRIPTS[name][0]
+    ref = tmp_path / "ref"
+    module.main(train_argv(name, ref, tiny_pt, 6))
+    runs = {point: train_argv(name, tmp_path / point.replace(" ", "_"), tiny_pt, 6) for point in KILL_POINTS}
+    r = subprocess.run([sys.executable, "-c", KILL_INSIDE_WRITE, name, json.dumps(runs)], cwd=HERE,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {point: 9 for point in KILL_POINTS}  # all killed
+    for point, on_disk in KILL_POINTS.items():
+        out = tmp_path / point.replace(" ", "_")
+        leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        assert len(leftovers) == (on_disk == 3), (point, leftovers)  # the killed write's temporary file
+        assert module.load_checkpoint(str(out / "ckpt.pt"))["step"] == on_disk, point
+        module.main(train_argv(name, out, tiny_pt, 6, "--resume"))  # the temporary file is never taken
+        assert_same_state(module.load_checkpoint(str(ref / "ckpt.pt")), module.load_checkpoint(str(out / "ckpt.pt")))
 
-    def interrupt_in_step_2(*a, **kw):
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("layer", ["torch's zip writer", "fsync"])
+def test_a_full_disk_during_a_checkpoint_write_is_one_message(name, layer, tmp_path, tiny_pt, monkeypatch, capsys):
+    # the first checkpoint (step 3) fits, the second (step 6) meets a full disk: ENOSPC inside torch.save,
+    # which torch reports as a RuntimeError, or EIO at fsync
+    module = SCRIPTS[name][0]
+    real_save, real_open, real_fsync, armed = module.save_checkpoint, common.open_new, os.fsync, []
+
+    def save(path, obj):
+        armed[:] = [obj.get("step") == 6]
+        real_save(path, obj)
+
+    def fsync(fd):
+        if armed[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(module, "save_checkpoint", save)
+    if layer == "fsync":
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        monkeypatch.setattr(common, "open_new", lambda p: FullDisk(real_open(p), 1000) if armed[0] else real_open(p))
+    out = tmp_path / "run"
+    err = usage_error(module.main, train_argv(name, out, tiny_pt, 6), capsys)
+    why = "Input/output error" if layer == "fsync" else "No space left on device"
+    assert err == f"{name}.py: error: [Errno {errno.EIO if layer == 'fsync' else errno.ENOSPC}] could not write {out / 'ckpt.pt'}: {why}\n"
+    assert module.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3  # the previous one, intact
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_failing_sample_write_is_one_message_and_keeps_the_old_file(name, tmp_path, tiny_pt, monkeypatch, capsys):
+    module = SCRIPTS[name][0]
+    module.main(train_argv(name, tmp_path, tiny_pt, 1))
+    extra = ["--langevin-steps", "1"] if name == "ncsn" else []
+    module.main(["--sample", "2", "--out", str(tmp_path), *extra])
+    before = (tmp_path / "samples.png").read_bytes()
+    real_open = common.open_new
+    monkeypatch.setattr(common, "open_new", lambda p: FullDisk(real_open(p), 10) if p.endswith(".png.tmp") or ".samples.png." in p else real_open(p))
+    err = usage_error(module.main, ["--sample", "3", "--out", str(tmp_path), "--seed", "1", *extra], capsys)
+    assert f"could not write {tmp_path / 'samples.png'}: No space left on device" in err and "Traceback" not in err
+    assert (tmp_path / "samples.png").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# The signal tests run in a child whose dispositions they set themselves, so they pass however the suite is
+# started (a background job starts with SIGINT ignored). Each scenario sends its signal from inside a step
+# (or from inside the sampler), as a terminal or a scheduler would while it runs.
+SIGNALS = """
+import contextlib, io, json, os, signal, sys
+module = __import__(sys.argv[1])
+scenarios = json.loads(sys.argv[2])
+results = {}
+for name, (target, at_call, signals, ignored, argv) in scenarios.items():
+    real, calls = getattr(module, target), []
+    def wrapped(*a, _real=real, _signals=signals, _at=at_call, **kw):
         calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
-        return real(*a, **kw)
+        if len(calls) == _at:
+            for s in _signals:
+                os.kill(os.getpid(), getattr(signal, s))
+        return _real(*a, **kw)
+    setattr(module, target, wrapped)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in ("SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, s), signal.SIG_DFL)
+    for s in ignored:
+        signal.signal(getattr(signal, s), signal.SIG_IGN)
+    before = [signal.getsignal(getattr(signal, s)) for s in ("SIGINT", "SIGTERM", "SIGHUP")]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = module.main(argv)
+        except SystemExit as e:
+            code = e.code
+    setattr(module, target, real)
+    restored = before == [signal.getsignal(getattr(signal, s)) for s in ("SIGINT", "SIGTERM", "SIGHUP")]
+    results[name] = dict(code=code, err=err.getvalue(), restored=restored)
+print(json.dumps(results))
+"""
+SAMPLERS = {"ddpm": "dpm_solver_sample", "vae": "generate", "ncsn": "annealed_langevin"}
 
-    monkeypatch.setattr(module, loss_name, interrupt_in_step_2)
-    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job (nohup, &)
-    with pytest.raises(SystemExit) as e:
-        module.main(train_argv(name, tmp_path / "run", tiny_pt, 50))
-    assert e.value.code == 130
-    assert "--resume" in capsys.readouterr().err
-    assert module.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_signals_stop_training_at_a_step_with_a_checkpoint_and_a_command_that_resumes(name, tmp_path, tiny_pt):
+    module, _, loss_name = SCRIPTS[name]
+    train = lambda out: train_argv(name, tmp_path / out, tiny_pt, 12, "--ckpt-every", "100")  # noqa: E731
+    sample = ["--sample", "4", "--out", str(tmp_path / "int")] + (["--langevin-steps", "2"] if name == "ncsn" else [])
+    scenarios = {
+        "SIGINT": (loss_name, 2, ["SIGINT"], [], train("int")),
+        "SIGTERM": (loss_name, 2, ["SIGTERM"], [], train("term")),
+        "SIGHUP": (loss_name, 2, ["SIGHUP"], [], train("hup")),
+        "SIGINT twice": (loss_name, 2, ["SIGINT", "SIGINT"], [], train("twice")),
+        "SIGINT ignored": (loss_name, 2, ["SIGINT"], ["SIGINT"], train("ignored")),
+        "SIGHUP ignored": (loss_name, 2, ["SIGHUP"], ["SIGHUP"], train("hup_ignored")),
+        "SIGTERM while sampling": (SAMPLERS[name], 1, ["SIGTERM"], [], sample),
+        "SIGINT while sampling": (SAMPLERS[name], 1, ["SIGINT"], [], sample),
+    }
+    r = subprocess.run([sys.executable, "-c", SIGNALS, name, json.dumps(scenarios)], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(v["restored"] for v in res.values()), res  # the caller's handlers are back after main()
+    for sig, out, code in (("SIGINT", "int", 130), ("SIGTERM", "term", 143), ("SIGHUP", "hup", 129)):
+        got = res[sig]
+        assert got["code"] == code, (sig, got)
+        # the step in which the signal came is finished and saved, then the command that resumes
+        assert module.load_checkpoint(str(tmp_path / out / "ckpt.pt"))["step"] == 2, sig
+        assert f"interrupted by {sig} at step 2" in got["err"] and "Traceback" not in got["err"]
+    # the printed command is the run's own command line plus --resume: it resumes with the run's model flags
+    command = shlex.split(res["SIGTERM"]["err"].split("Resume with:\n")[1].strip())
+    assert command[:2] == ["python", f"{name}.py"] and command[-1] == "--resume"
+    assert module.main(command[2:]) in (0, None)
+    assert module.load_checkpoint(str(tmp_path / "term" / "ckpt.pt"))["step"] == 12
+    # a second Ctrl-C acts at once: no checkpoint of step 2, one line
+    assert res["SIGINT twice"]["code"] == 130 and "Traceback" not in res["SIGINT twice"]["err"]
+    assert not (tmp_path / "twice" / "ckpt.pt").exists()
+    # a signal ignored at start stays ignored: training runs to its end
+    for k, out in (("SIGINT ignored", "ignored"), ("SIGHUP ignored", "hup_ignored")):
+        assert res[k]["code"] in (0, None), res[k]
+        assert module.load_checkpoint(str(tmp_path / out / "ckpt.pt"))["step"] == 12
+    # while sampling: exit 143 or 130 with one line, and no output file
+    for k, code in (("SIGTERM while sampling", 143), ("SIGINT while sampling", 130)):
+        assert res[k]["code"] == code and res[k]["err"].strip().count("\n") == 0, res[k]
+        assert "interrupted by" in res[k]["err"] and "Traceback" not in res[k]["err"]
+    assert not (tmp_path / "int" / "samples.png").exists() and not (tmp_path / "int" / "samples.pt").exists()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -593,6 +843,75 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
     bound = 2 * sum(lr * (k + 1) / warmup for k in range(steps)) + 1e-6  # lr_k of the linear warm-up
     diffs = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
     assert diffs.max() <= bound and (diffs > 1e-6).double().mean() < 1e-3
+
+
+def torchrun(script, argv, tmp_path, **popen):
+    """torchrun with 2 CPU processes (gloo), SIGINT at its default as in a terminal, in its own process group."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", **popen.pop("env", {}))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             script, "--device", "cpu", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+
+
+TORCHRUN_WITH_FAKE_MNIST = """
+import json, os, sys
+sys.path.insert(0, os.environ["PROJECT"])
+import common
+common.DATASETS["mnist"] = json.loads(os.environ["FAKE_MNIST"])
+sys.exit(__import__(os.environ["SCRIPT"]).main(sys.argv[1:]))
+"""
+TORCHRUN_SCRIPTS = ["ddpm", "ncsn"]  # vae.py runs in one process
+
+
+@pytest.mark.parametrize("name", TORCHRUN_SCRIPTS)
+def test_torchrun_ctrl_c_stops_every_rank_after_the_same_step_and_rank_0_downloads_alone(name, fake_mnist, tmp_path):
+    # as a terminal does: SIGINT to the whole group. Every worker gets it from the terminal, then again from
+    # torchrun's agent, which then waits 30 s before SIGKILL: the ranks must agree on a step (they share their
+    # signals every 20 steps), write the checkpoint and leave within that time; a rank left behind would
+    # wait in the next all-reduce until the agent kills it. The run starts by downloading (fake) MNIST.
+    entry, good, _, data_dir = fake_mnist
+    module = SCRIPTS[name][0]
+    (tmp_path / "launch.py").write_text(TORCHRUN_WITH_FAKE_MNIST)
+    out = tmp_path / "run"
+    argv = ["--train", "--out", str(out), "--data", "mnist", "--data-dir", str(data_dir), "--steps", "1000",
+            "--batch-size", "4", "--log-every", "1", "--final-samples", "0", "--ckpt-every", "1000", *TINY_UNET,
+            *(["--T", "10"] if name == "ddpm" else ["--levels", "3"])]
+    with serve(good) as (url, seen):
+        entry["mirrors"] = [url]
+        proc = torchrun("launch.py", argv, tmp_path, env=dict(PROJECT=HERE, SCRIPT=name, FAKE_MNIST=json.dumps(entry)))
+        try:
+            for line in proc.stdout:
+                if line.startswith("step 3/"):
+                    os.killpg(proc.pid, signal.SIGINT)
+                    sent = time.monotonic()
+                    break
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert time.monotonic() - sent < 25, err[-3000:]  # well inside the agent's 30 s
+    step = module.load_checkpoint(str(out / "ckpt.pt"))["step"]
+    assert step % 20 == 0 and step > 3 and f"interrupted by SIGINT at step {step}" in err, err[-3000:]
+    assert f"torchrun --nproc_per_node 2 {name}.py --device cpu --train --out {out}" in err
+    assert err.count("interrupted by SIGINT") == 1  # rank 0 alone reports
+    assert len(seen) == 1  # one download, by rank 0; rank 1 waited, then read its checked file
+
+
+@pytest.mark.parametrize("name", TORCHRUN_SCRIPTS)
+def test_torchrun_a_failed_write_on_rank_0_stops_every_rank(name, tmp_path, tiny_pt):
+    out = tmp_path / "run"
+    (out / "ckpt.pt").mkdir(parents=True)  # the checkpoint can't be written there: rank 0's write fails
+    argv = ["--train", "--out", str(out), "--data", tiny_pt, "--steps", "4", "--ckpt-every", "2", "--batch-size", "4",
+            "--final-samples", "0", *TINY_UNET, *(["--T", "10"] if name == "ddpm" else ["--levels", "3"])]
+    proc = torchrun(os.path.join(HERE, f"{name}.py"), argv, tmp_path)
+    try:
+        _, err = proc.communicate(timeout=120)  # without the shared outcome rank 1 would wait for minutes
+    finally:
+        proc.kill()
+    assert f"{name}.py: error: [Errno {errno.EISDIR}] could not write {out / 'ckpt.pt'}: Is a directory" in err
+    assert f"{name}.py: error: rank 0 could not write {out / 'ckpt.pt'} (its message says why)" in err
+    assert proc.returncode != 0
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -808,5 +1127,5 @@ def test_readme_copy_snippet_runs_with_only_ddpm_and_common(tmp_path, tiny_pt):
     check = ("\nassert torch.isfinite(loss) and x.shape == (16, 1, 28, 28) and torch.isfinite(x).all()\n"
              "assert isinstance(model, common.UNet) and sch.T == 10\n"
              "print('ok')\n")
-    run_in(tmp_path, prelude + readme_snippet("**Copying into another project.**") + check)
+    run_in(tmp_path, prelude + readme_snippet("## Copying into another project") + check)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["check.py", "common.py", "ddpm.py"]

@@ -12,6 +12,7 @@ in [0, 1]. Everything above the command-line banner needs only torch.
 import argparse
 import contextlib
 import json
+import shlex
 import math
 import os
 import signal
@@ -27,8 +28,7 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2 * math.pi)
 
 # ==================================================================================================
-# VAE: encoder q_φ(v|x), reparameterisation, KL, the Gaussian decoder, ELBO, the notes' loss,
-#   generation
+# VAE: encoder q_φ(v|x), reparameterisation, KL, Gaussian decoder, ELBO, notes' loss, generation
 
 
 class VAE(nn.Module):
@@ -64,8 +64,7 @@ class VAE(nn.Module):
                                      nn.Unflatten(1, (64, side, side)),
                                      nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
                                      nn.ConvTranspose2d(32, in_ch, 4, 2, 1))
-        # the encoder outputs log σ^2 rather than σ: any real number is valid, σ^2 = exp(log σ^2) >
-        #   0
+        # the encoder outputs log σ^2 rather than σ: any real number is valid, exp(log σ^2) > 0
         self.to_mu, self.to_log_var = nn.Linear(hidden, latent_dim), nn.Linear(hidden, latent_dim)
 
     def encode(self, x):
@@ -126,8 +125,8 @@ def log_px_given_v(out, x, likelihood, sigma_x=None):
     if likelihood == "bernoulli":
         return bernoulli_log_likelihood(out, x)
     n = x[0].numel()
-    # VAE: log p_θ(x|v) = -n log(sqrt(2π) σ) - ||x - u_θ(v)||^2 / (2σ^2),  p_θ(x|v) = N(x; u_θ(v),
-    #   σ^2 I)
+    # VAE: p_θ(x|v) = N(x; u_θ(v), σ^2 I),
+    #      log p_θ(x|v) = -n log(sqrt(2π) σ) - ||x - u_θ(v)||^2 / (2σ^2)
     return (-n * (0.5 * LOG_2PI + math.log(sigma_x))
             - ((x - out) ** 2).flatten(1).sum(1) / (2 * sigma_x ** 2))
 
@@ -137,8 +136,7 @@ def elbo(model, x, likelihood=None, sigma_x=0.1, generator=None):
     likelihood=None: the model's."""
     likelihood = likelihood or getattr(model, "likelihood", "gaussian")
     out, mu, log_var = model(x, generator=generator)
-    # VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)], the expectation by one draw of
-    #   v
+    # VAE: L = E_{v~q_φ(v|x)} log p_θ(x|v) - D_KL[q_φ(v|x) || p(v)], E by one draw of v
     return log_px_given_v(out, x, likelihood, sigma_x) - kl_to_standard_normal(mu, log_var)
 
 
@@ -230,8 +228,8 @@ def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=
         log_px = log_px.reshape(k, B)
         # log p(v) = log N(v; 0, I) = Σ_i -1/2 (v_i^2 + log 2π)
         log_pv = (-0.5 * (v ** 2 + LOG_2PI)).sum(-1)
-        # log q_φ(v|x) = log N(v; U, diag(σ^2)) = Σ_i -1/2 (ε_i^2 + log 2π + log σ_i^2), (v - U)/σ =
-        #   ε
+        # log q_φ(v|x) = log N(v; U, diag(σ^2)) = Σ_i -1/2 (ε_i^2 + log 2π + log σ_i^2),
+        #   since (v - U)/σ = ε
         log_qv = (-0.5 * (eps ** 2 + LOG_2PI) - 0.5 * log_var).sum(-1)
         # IWAE: log (1/k) Σ_j p_θ(x, v_j) / q_φ(v_j|x),  p_θ(x, v) = p_θ(x|v) p(v)
         out.append(torch.logsumexp(log_px + log_pv - log_qv, dim=0) - math.log(k))
@@ -242,9 +240,8 @@ def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=
 # Command line: recipe and flags, the training loop, sampling, --eval, --bench
 #
 # Nothing above this banner needs it. It takes the data and the PNG writer from common.py, imported
-#   in
-# the functions that use them, so that `import vae` itself needs only torch. One process: the MLP is
-# tiny, and torchrun is refused.
+# in the functions that use them, so that `import vae` itself needs only torch. One process: the MLP
+# is tiny, and torchrun is refused.
 
 RECIPE = dict(steps=10_000, batch_size=128, lr=1e-3, warmup=0)  # CPU and GPU alike: the MLP is tiny
 MODEL_KEYS = ("kind", "in_ch", "image_size", "latent_dim", "hidden", "arch", "likelihood",
@@ -284,7 +281,7 @@ INT_LIST = _flag(lambda s: [int(v) for v in s.split(",") if v.strip()], lambda v
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="VAE, annotated against the notes (python vae.py --train)")
+        prog="vae.py", description="VAE, annotated against the notes (python vae.py --train)")
     g = p.add_argument_group("what to do")
     g.add_argument("--train", action="store_true",
                    help="train (downloads the data set on first use)")
@@ -368,11 +365,21 @@ def parse(argv):
 def main(argv=None):
     import common
     p, args = parse(argv)
+    args.command = resume_command(argv)
+    # SIGTERM (a cluster's preemption or time limit) and SIGHUP stop the program as Ctrl-C does:
+    # training at a step boundary with a checkpoint (train), anything else at once, with no output
+    # file half-written. A signal ignored at start (nohup) stays ignored.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in stop_signals() if s != signal.SIGINT}
+        for s, handler in previous.items():
+            if handler == signal.SIG_DFL:
+                signal.signal(s, raise_interrupt)
     try:
-        device = pick_device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
-    try:
+        try:
+            device = pick_device(args.device)
+        except RuntimeError as e:
+            p.error(f"--device {args.device}: {e}")
         if args.bench:
             return bench(args, device)
         if args.train:
@@ -391,10 +398,36 @@ def main(argv=None):
                 evaluate(args, ck["args"], model, x, g, ck["step"])
     except FlagError as e:
         p.error(str(e))
-    except (common.DataError, CheckpointError, OSError) as e:
+    except (common.DataError, CheckpointError, OSError) as e:  # the user's to fix: no usage block
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"{p.prog}: interrupted by {signal.Signals(signum).name}; no output file is left "
+              "half-written", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
+
+
+def stop_signals():
+    """Ctrl-C, the scheduler's SIGTERM and, where there is one, SIGHUP (the terminal closed)."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM or SIGHUP outside the training loop: stop as Ctrl-C does."""
+    raise KeyboardInterrupt(signum)
+
+
+def resume_command(argv):
+    """The command that continues this run: its own command line plus --resume."""
+    script, flags = ("vae.py", list(argv)) if argv is not None else (sys.argv[0], sys.argv[1:])
+    flags += [] if "--resume" in flags else ["--resume"]
+    return shlex.join(["python", script] + flags)
 
 
 # ---- devices and precision
@@ -486,6 +519,9 @@ def train(args, device):
     N, C, H, W = data.shape
     if H != W:
         raise common.DataError(f"{args.data}: images are {H}x{W}; use square images")
+    if C not in (1, 3):
+        raise common.DataError(f"{args.data}: {C} channels; the samples' PNG takes 1 (grey) or 3 "
+                               "(RGB)")
     torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
     recipe = fill_recipe(args, device)
     try:
@@ -522,42 +558,45 @@ def train(args, device):
         return seconds_before + time.monotonic() - start
 
     def over(step):
-        """The --steps/--minutes budget."""
+        """Stop after this step? The --steps and --minutes budgets, or a signal."""
         if args.steps is not None and step >= args.steps:
             return True
-        return args.minutes is not None and seconds() >= 60 * args.minutes
+        return bool(signals) or (args.minutes is not None and seconds() >= 60 * args.minutes)
 
     def save(step):
-        if first_bad.item() >= 0:  # no non-finite weight reaches the disk: the last good file stays
-            return
-        save_checkpoint(ckpt_path, dict(
-            kind="vae", args=ck_args, step=step, train_seconds=seconds(),
-            model=model.state_dict(), opt=opt.state_dict(), sched=warm.state_dict(),
-            rng=rng_state()))
+        """The checkpoint, unless a loss or gradient was non-finite (the last good file stays)."""
+        if first_bad.item() < 0:
+            save_checkpoint(ckpt_path, dict(
+                kind="vae", args=ck_args, step=step, train_seconds=seconds(),
+                model=model.state_dict(), opt=opt.state_dict(), sched=warm.state_dict(),
+                rng=rng_state()))
 
-    # Ctrl-C sets a flag read at the step boundary, so a checkpoint never holds a half-applied step;
-    #   the
-    # previous handler is then back, and a second Ctrl-C acts at once
-    interrupted = []
+    # Ctrl-C (SIGINT), SIGTERM (a cluster's preemption or time limit) and SIGHUP set a flag read at
+    # the step boundary, so a checkpoint never holds a half-applied step. The previous handler is
+    # then back and a second signal acts at once. A signal ignored at start (nohup, `&`) stays
+    # ignored.
+    signals = []
 
-    def on_sigint(signum, frame):
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, previous)
+    def on_signal(signum, frame):
+        if not signals:
+            signal.signal(signum, previous[signum])
+        signals.append(signum)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT)
-    if in_main_thread:
-        signal.signal(signal.SIGINT, on_sigint)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in stop_signals()}
+        for s, handler in previous.items():
+            if handler != signal.SIG_IGN:
+                signal.signal(s, on_signal)
     # the first step whose loss or gradient norm was NaN/inf, kept on the device (no host sync per
     # step); read with each progress line and before every checkpoint
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     done = over(step)
     try:
         # VAE: maximise the ELBO, i.e. minimise -L averaged over the batch (nats per image)
-        while not done and not interrupted:
+        while not done:
             # the batch is drawn from (seed, step): after --resume, step k sees what an
-            #   uninterrupted
-            # run would
+            # uninterrupted run would
             g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
             idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)
             x = prepare(common.to_range(data[idx], 0), args.likelihood, g)
@@ -586,19 +625,17 @@ def train(args, device):
                       flush=True)  # counted MACs: forward + backward ~ 3 forwards per image
             if step % args.ckpt_every == 0 or done:
                 save(step)
-        if interrupted:
-            save(step)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if first_bad.item() >= 0:
         raise SystemExit(f"error: non-finite loss or gradient at step {first_bad.item()}; training "
                          f"stopped. The last good checkpoint is {ckpt_path} (try a lower --lr, "
                          "check the data).")
-    if interrupted:
-        print(f"interrupted at step {step}; checkpoint written to {ckpt_path}. Resume with: "
-              f"python vae.py --train --resume --out {args.out}", file=sys.stderr)
-        raise SystemExit(130)
+    if signals:
+        print(f"interrupted by {signal.Signals(signals[0]).name} at step {step}; checkpoint "
+              f"written to {ckpt_path}. Resume with:\n  {args.command}", file=sys.stderr)
+        raise SystemExit(128 + signals[0])
     print(f"trained {step} steps, {seconds() / 60:.1f} minutes in all; checkpoint {ckpt_path}",
           flush=True)
     model.eval()
@@ -633,7 +670,9 @@ def set_rng_state(state):
 
 def save_checkpoint(path, obj):
     """torch.save to a temporary file in the same folder, flush, fsync, then os.replace: a kill at
-    any moment leaves the old file or the new one, never part of one."""
+    any moment leaves the old file or the new one, never part of one. A full disk or an I/O
+    error, at whichever layer, is one OSError naming `path`, the old file intact, no temporary file
+    left."""
     import common
     tmp = common.temporary_name(path)
     try:
@@ -642,6 +681,11 @@ def save_checkpoint(path, obj):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch's zip writer wraps it
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, f"could not write {path}: {cause.strerror or cause}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
