@@ -356,19 +356,49 @@ def nll_bits_per_dim(eps_model, sch, x0, t_samples=None, var="beta_tilde", gener
     return est / (D * math.log(2)), se / (D * math.log(2))
 
 
-def time_grid(T, steps):
-    """The integer times a few-step sampler visits: t_k = round(k T / steps) for k = steps..1
-    (evenly spaced, distinct, starting at t = T), then t = 0, where ᾱ_0 = 1: the last step lands on
-    x̂_0."""
+SPACINGS = ("uniform", "quadratic", "log-sigma")
+
+
+def time_grid(sch, steps, spacing="uniform"):
+    """The integer times a few-step sampler visits: `steps` distinct t from t = T down, strictly
+    decreasing, then t = 0, where ᾱ_0 = 1 and the last step lands on x̂_0.
+
+    spacing: "uniform", even in t (DDIM); "quadratic", t_k = T (k/steps)^2, dense near t = 0 (DDIM's
+    CIFAR-10 choice); "log-sigma", even in log σ̄_t = -λ_t from t = T to t = 1 (DPM-Solver's
+    time-uniform-in-λ grid), with σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t). Each is rounded to integer t (the
+    network was trained there); where rounding makes two times equal near t = 0, they are moved
+    apart by one step to stay distinct and >= 1.
+    """
+    T = sch.T
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..T={T}, got {steps}")
-    # t_k = round(k T / steps), k = steps..1, then t_0 = 0
-    return [round(k * T / steps) for k in range(steps, 0, -1)] + [0]
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    k = torch.arange(steps, 0, -1, dtype=torch.float64)  # k = steps..1
+    if spacing == "uniform":
+        # t_k = k T / steps
+        t = k * T / steps
+    elif spacing == "quadratic":
+        # t_k = T (k / steps)^2
+        t = T * (k / steps) ** 2
+    else:
+        # log σ̄ even from log σ̄_T (k = steps) to log σ̄_1 (k = 1); each to the nearest t in log σ̄
+        log_sigma_bar = 0.5 * (torch.log1p(-sch.alpha_bar[1:]) - torch.log(sch.alpha_bar[1:]))
+        top, bottom = log_sigma_bar[-1], log_sigma_bar[0]
+        target = bottom + (k - 1) / max(steps - 1, 1) * (top - bottom)
+        t = 1 + (log_sigma_bar[None, :] - target[:, None]).abs().argmin(1).double()
+    ts = [round(v) for v in t.tolist()]
+    ts[0] = T
+    for i in range(1, steps):  # strictly decreasing from T ...
+        ts[i] = min(ts[i], ts[i - 1] - 1)
+    for i in range(steps - 1, -1, -1):  # ... and >= 1 (steps <= T leaves room for both)
+        ts[i] = max(ts[i], 1 if i == steps - 1 else ts[i + 1] + 1)
+    return ts + [0]
 
 
 @torch.no_grad()
 def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generator=None,
-                callback=None, device=None, x_T=None):
+                callback=None, device=None, x_T=None, spacing="uniform"):
     """DDIM (Song, Meng & Ermon 2021, eq. 12) on the evenly spaced integer times of time_grid:
     `steps` network calls.
 
@@ -380,7 +410,7 @@ def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generat
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     alpha_bar = sch.alpha_bar.tolist()  # python floats: no device sync for the per-step scalars
-    ts = time_grid(sch.T, steps)
+    ts = time_grid(sch, steps, spacing)
     x = _start(shape, device, x_T, generator)
     for k in range(steps):
         t_int, prev = ts[k], ts[k + 1]
@@ -430,7 +460,7 @@ def score_from_eps(sch, eps_theta, t):
 
 @torch.no_grad()
 def dpm_solver_sample(eps_model, sch, shape, steps=20, clip_x0=False, generator=None, callback=None,
-                      device=None, x_T=None):
+                      device=None, x_T=None, spacing="uniform"):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), the probability-flow ODE's
     second-order multistep exponential integrator in its data-prediction form, on the integer times
     of time_grid: `steps` network calls, x_T ~ N(0, I) drawn first as by the other samplers.
@@ -443,7 +473,7 @@ def dpm_solver_sample(eps_model, sch, shape, steps=20, clip_x0=False, generator=
     step k with x = x_t at the new t.
     """
     alpha_bar = sch.alpha_bar.tolist()
-    ts = time_grid(sch.T, steps)
+    ts = time_grid(sch, steps, spacing)
     # DPM-Solver: λ_t = log(sqrt(ᾱ_t)/sqrt(1-ᾱ_t)) = 1/2 log(ᾱ_t/(1-ᾱ_t)); λ_0 = +∞ (1-ᾱ_0 = 0)
     lam = [0.5 * math.log(alpha_bar[t] / (1 - alpha_bar[t])) if t > 0 else math.inf for t in ts]
     x = _start(shape, device, x_T, generator)
@@ -492,27 +522,60 @@ def hutchinson_divergence(fn, x, probes):
     return out.detach(), torch.stack(est)
 
 
-def ode_log_likelihood(eps_model, sch, x1, steps=100, probes=1, generator=None):
+ODE_STEPS = 50  # the ODE likelihood's default: about 100 network calls per image (README)
+
+
+def ode_grid(sch, steps=ODE_STEPS):
+    """The integer times t from 1 to T at which the ODE likelihood evaluates the network: steps + 1
+    nodes even in log σ̄_t (σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t); -log σ̄_t is DPM-Solver's λ_t), each moved to
+    the integer t nearest in log σ̄ (the network was trained there), duplicates dropped. σ̄ grows
+    4.7-fold from t = 1 to t = 11 and 1.01-fold from t = 990 to 1000: even in t, a grid would be
+    coarsest where the flow changes fastest."""
+    if not 1 <= steps <= sch.T - 1:
+        raise ValueError(f"ODE steps must be in 1..T-1={sch.T - 1}, got {steps}")
+    # log σ̄_t = 1/2 [log(1-ᾱ_t) - log ᾱ_t], t = 1..T
+    log_sigma_bar = 0.5 * (torch.log1p(-sch.alpha_bar[1:]) - torch.log(sch.alpha_bar[1:]))
+    target = torch.linspace(log_sigma_bar[0].item(), log_sigma_bar[-1].item(), steps + 1,
+                            dtype=torch.float64)
+    nearest = (log_sigma_bar[None, :] - target[:, None]).abs().argmin(1) + 1
+    return sorted(set(nearest.tolist()))
+
+
+def ode_log_likelihood(eps_model, sch, x1, steps=ODE_STEPS, probes=1, generator=None,
+                       quadrature="log-sigma"):
     """log p_ODE(x_1) per image in nats (P estimates each) of the probability-flow ODE's density at
     t = 1, with p(x_T) = N(0, I): the instantaneous change of variables ([SDE] eq. 39; Chen et al.
-    2018), integrated from t = 1 to T by Heun's method in σ̄ on `steps` intervals of integer t, the
+    2018), integrated from t = 1 to T on the nodes of ode_grid (about 2 × steps network calls), the
     divergence by Hutchinson's estimator with `probes` Rademacher vectors held fixed along the path.
     Returns ((P, B) estimates, x_T). The network is called in x1's dtype (an nn.Module in its own).
 
     In x̄ = x_t / sqrt(ᾱ_t) and σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t) the ODE is dx̄/dσ̄ = ε_θ(sqrt(ᾱ) x̄, t)
     (DDIM eq. 14), so
         d log p̄(x̄)/dσ̄ = -div_x̄ ε_θ = -sqrt(ᾱ_t) div_x ε_θ(x_t, t),
-        log p̄_1(x̄_1) = log p̄_T(x̄_T) + ∫_{σ̄_1}^{σ̄_T} sqrt(ᾱ) div_x ε_θ dσ̄,
+        log p̄_1(x̄_1) = log p̄_T(x̄_T) + ∫_{σ̄_1}^{σ̄_T} div_x̄ ε_θ dσ̄,
     and x = sqrt(ᾱ) x̄ changes the density by ᾱ^{-D/2}: log p_t(x_t) = log p̄_t(x̄_t) - D/2 log ᾱ_t.
+
+    x̄ is moved by Heun's method in σ̄: exact where ε_θ is linear in σ̄ along the path, as for data
+    that is a point mass (there ε_θ is constant). The divergence integral is the stiff part: a pixel
+    that is a point mass at the scale σ̄ (MNIST's background, exactly -1) has div_x̄ ε_θ = 1/σ̄, and
+    a trapezoid in σ̄ over a step σ̄_a -> σ̄_b = ρ σ̄_a gives sinh(log ρ) for its integral log ρ,
+    always too high (0.69 nats per such pixel on a step with ρ = 4.7). So it is a trapezoid in log
+    σ̄ instead, of the integrand σ̄ div_x̄ ε_θ, which is 1 there and exact: ∫ div dσ̄ = ∫ σ̄ div
+    d(log σ̄). quadrature="sigma" is the trapezoid in σ̄ of earlier versions, kept to show the
+    difference.
     """
-    if steps < 1 or steps > sch.T - 1:
-        raise ValueError(f"ODE steps must be in 1..T-1={sch.T - 1}, got {steps}")
+    if quadrature not in ("log-sigma", "sigma"):
+        raise ValueError(f"quadrature must be 'log-sigma' or 'sigma', got {quadrature!r}")
     alpha_bar = sch.alpha_bar.tolist()
-    grid = [1 + round(k * (sch.T - 1) / steps) for k in range(steps + 1)]  # integer t from 1 to T
+    grid = ode_grid(sch, steps)
     B, D = x1.shape[0], x1[0].numel()
     # Rademacher probes: v_i = ±1 with probability 1/2 each, so E[v v^T] = I
     v = (torch.randint(0, 2, (probes, *x1.shape), device=x1.device, generator=generator) * 2 - 1
          ).to(x1.dtype)
+
+    def sigma_bar(t_int):
+        # σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t)
+        return math.sqrt((1 - alpha_bar[t_int]) / alpha_bar[t_int])
 
     def velocity(xbar, t_int):
         """dx̄/dσ̄ = ε_θ and Hutchinson's estimates of its divergence in x̄ (the chain rule gives
@@ -522,24 +585,26 @@ def ode_log_likelihood(eps_model, sch, x1, steps=100, probes=1, generator=None):
         # x_t = sqrt(ᾱ_t) x̄,  dx̄/dσ̄ = ε_θ(x_t, t)
         eps_theta, div = hutchinson_divergence(lambda x: _eps_theta(eps_model, x, t), c * xbar, v)
         # div_x̄ ε_θ(sqrt(ᾱ_t) x̄, t) = sqrt(ᾱ_t) div_x ε_θ(x_t, t)
-        return eps_theta, c * div
+        return eps_theta, c * div.double()
 
     # x̄_1 = x_1 / sqrt(ᾱ_1)
     xbar = x1 / math.sqrt(alpha_bar[1])
     delta = torch.zeros(probes, B, dtype=torch.float64, device=x1.device)  # ∫ div dσ̄ so far
     f0, d0 = velocity(xbar, grid[0])
-    for k in range(steps):
+    for k in range(len(grid) - 1):
         ta, tb = grid[k], grid[k + 1]
-        # h = σ̄_{tb} - σ̄_{ta},  σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t)
-        h = (math.sqrt((1 - alpha_bar[tb]) / alpha_bar[tb])
-             - math.sqrt((1 - alpha_bar[ta]) / alpha_bar[ta]))
-        # Heun's predictor: x̄' = x̄ + h f(x̄, ta), and f, div there
-        f1, d1 = velocity(xbar + h * f0, tb)
-        # Heun's corrector: x̄ += h/2 [f(x̄, ta) + f(x̄', tb)]
-        xbar = xbar + h / 2 * (f0 + f1)
-        # the same trapezoid for ∫ div_x̄ ε_θ dσ̄
-        delta = delta + h / 2 * (d0 + d1).double()
-        if k + 1 < steps:
+        sa, sb = sigma_bar(ta), sigma_bar(tb)
+        # Heun's predictor: x̄' = x̄ + (σ̄_b - σ̄_a) f(x̄, ta), and f, div there
+        f1, d1 = velocity(xbar + (sb - sa) * f0, tb)
+        # Heun's corrector: x̄ += (σ̄_b - σ̄_a)/2 [f(x̄, ta) + f(x̄', tb)]
+        xbar = xbar + (sb - sa) / 2 * (f0 + f1)
+        if quadrature == "log-sigma":
+            # ∫ div dσ̄ = ∫ σ̄ div d(log σ̄): trapezoid in log σ̄
+            delta = delta + (math.log(sb) - math.log(sa)) / 2 * (sa * d0 + sb * d1)
+        else:
+            # trapezoid in σ̄
+            delta = delta + (sb - sa) / 2 * (d0 + d1)
+        if k + 1 < len(grid) - 1:
             f0, d0 = velocity(xbar, tb)
     # x_T = sqrt(ᾱ_T) x̄_T
     x_T = math.sqrt(alpha_bar[sch.T]) * xbar
@@ -550,7 +615,14 @@ def ode_log_likelihood(eps_model, sch, x1, steps=100, probes=1, generator=None):
     return log_pbar_T + delta - D / 2 * math.log(alpha_bar[1]), x_T
 
 
-def ode_bound(eps_model, sch, x0, steps=100, probes=1, var="beta_tilde", generator=None):
+def ode_calls(sch, steps=ODE_STEPS):
+    """Network calls per image of ode_log_likelihood: two per step of its grid (Heun), each with its
+    vector-Jacobian products."""
+    return 2 * (len(ode_grid(sch, steps)) - 1)
+
+
+def ode_bound(eps_model, sch, x0, steps=ODE_STEPS, probes=1, var="beta_tilde", generator=None,
+              quadrature="log-sigma"):
     """An upper bound on -log P(x_0) of the 8-bit data, per image in nats, (P, B) estimates: the
     ODE's density for x_1 (the network is untrained below t = 1) and the discretised decoder
     p_θ(x_0|x_1) for the last step. Computed in float64 (an nn.Module in its own precision).
@@ -566,7 +638,7 @@ def ode_bound(eps_model, sch, x0, steps=100, probes=1, var="beta_tilde", generat
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=torch.float64)
     one = torch.ones(x0.shape[0], device=x0.device, dtype=torch.long)
     x1 = q_sample(sch, x0, one, eps)
-    log_p1, _ = ode_log_likelihood(eps_model, sch, x1, steps, probes, generator)
+    log_p1, _ = ode_log_likelihood(eps_model, sch, x1, steps, probes, generator, quadrature)
     decoder = bound_terms(eps_model, sch, x0, one, var, eps)  # L_0 at the same x_1
     # E_q log q(x_1|x_0) = -D/2 log(2πe (1-ᾱ_1)), q(x_1|x_0) = N(sqrt(ᾱ_1) x_0, (1-ᾱ_1) I)
     neg_entropy = -D / 2 * math.log(2 * math.pi * math.e * (1 - sch.alpha_bar[1].item()))
@@ -594,6 +666,7 @@ MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", 
 OLDER = dict(group_size=1)  # what checkpoints written before --group-size existed used
 SAMPLERS = ("ancestral", "ddim", "dpm++2m")
 SAMPLE_STEPS = {"ddim": 50, "dpm++2m": 20}  # default network calls of the few-step samplers
+SPACING = "uniform"  # their default time grid
 
 
 class FlagError(ValueError):
@@ -697,6 +770,9 @@ def build_parser():
                         "measurements)")
     g.add_argument("--sample-steps", type=POSITIVE_INT, help="network calls for ddim and dpm++2m "
                    f"(default {SAMPLE_STEPS['ddim']} and {SAMPLE_STEPS['dpm++2m']})")
+    g.add_argument("--time-grid", choices=SPACINGS, default=SPACING,
+                   help="where ddim and dpm++2m evaluate the network: even in t, quadratic in t, "
+                        f"or even in log σ̄ (default {SPACING})")
     g.add_argument("--ddim-steps", type=POSITIVE_INT,
                    help="shorthand for --sampler ddim --sample-steps N")
     g.add_argument("--var", choices=["beta_tilde", "beta"], default="beta_tilde",
@@ -712,8 +788,9 @@ def build_parser():
     g.add_argument("--eval-t", type=POSITIVE_INT, help="t's drawn per image (default: every t)")
     g.add_argument("--ode", action="store_true",
                    help="with --eval: the bound by the probability-flow ODE")
-    g.add_argument("--ode-steps", type=POSITIVE_INT, default=100, help="Heun steps from t=1 to T "
-                   "(default 100)")
+    g.add_argument("--ode-steps", type=POSITIVE_INT, default=ODE_STEPS,
+                   help="Heun steps from t=1 to T on a grid even in log σ̄ (default "
+                        f"{ODE_STEPS}: about {2 * ODE_STEPS} network calls per image)")
     g.add_argument("--probes", type=POSITIVE_INT, default=1,
                    help="Hutchinson probes per image (default 1)")
     return p
@@ -1239,10 +1316,10 @@ def draw(args, model, sch, device, n, generator, callback=None):
     with autocast(device, use_bf16(device, args.precision)):
         if args.sampler == "ddim":
             return ddim_sample(model, sch, shape, steps, args.eta, args.clip_x0, generator,
-                               callback, device=device)
+                               callback, device=device, spacing=args.time_grid)
         if args.sampler == "dpm++2m":
             return dpm_solver_sample(model, sch, shape, steps, args.clip_x0, generator, callback,
-                                     device=device)
+                                     device=device, spacing=args.time_grid)
         return sample(model, sch, shape, args.var, args.clip_x0, generator, callback, device=device)
 
 
@@ -1262,7 +1339,8 @@ def write_samples(args, model, sch, device, n):
     x01 = (x.clamp(-1, 1) + 1) / 2
     common.write_png(png, x01)
     save_checkpoint(pt, x01.detach().float().cpu())
-    print(f"wrote {png} and {pt} ({n} samples, {args.sampler} with {steps} network calls"
+    grid = f", {args.time_grid} time grid" if args.sampler != "ancestral" else ""
+    print(f"wrote {png} and {pt} ({n} samples, {args.sampler} with {steps} network calls{grid}"
           f"{', x̂_0 clipped' if args.clip_x0 else ''}, {time.time() - start:.1f}s)")
 
 
@@ -1297,8 +1375,9 @@ def evaluate(args, model, sch, device, ck):
     # is left
     se = (bpd.std() / math.sqrt(len(bpd))).item() if len(bpd) > 1 else torch.cat(ses)[0].item()
     if args.ode:
-        how = (f"probability-flow ODE, {args.ode_steps} Heun steps, {args.probes} probe(s) per "
-               "image")
+        nodes, calls = len(ode_grid(sch, args.ode_steps)), ode_calls(sch, args.ode_steps)
+        how = (f"probability-flow ODE, {nodes} nodes even in log σ̄, {calls} network calls and "
+               f"{args.probes} probe(s) per image")
     else:
         how = "every t" if args.eval_t is None else f"{args.eval_t} t per image"
     secs = time.time() - start

@@ -855,6 +855,20 @@ def torchrun(script, argv, tmp_path, **popen):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
+def children(pid):
+    """The processes whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 TORCHRUN_WITH_FAKE_MNIST = """
 import json, os, sys
 sys.path.insert(0, os.environ["PROJECT"])
@@ -867,10 +881,12 @@ TORCHRUN_SCRIPTS = ["ddpm", "ncsn"]  # vae.py runs in one process
 
 @pytest.mark.parametrize("name", TORCHRUN_SCRIPTS)
 def test_torchrun_ctrl_c_stops_every_rank_after_the_same_step_and_rank_0_downloads_alone(name, fake_mnist, tmp_path):
-    # as a terminal does: SIGINT to the whole group. Every worker gets it from the terminal, then again from
-    # torchrun's agent, which then waits 30 s before SIGKILL: the ranks must agree on a step (they share their
-    # signals every 20 steps), write the checkpoint and leave within that time; a rank left behind would
-    # wait in the next all-reduce until the agent kills it. The run starts by downloading (fake) MNIST.
+    # as a terminal does: SIGINT to the whole group. torchrun's agent passes it on to every worker (torch 2.13
+    # starts them in sessions of their own; launchers that don't deliver the terminal's too, hence the repeat
+    # sent below), then waits 30 s before SIGKILL: the ranks must agree on a step (they share their signals
+    # every 20 steps), write the checkpoint and leave within that time; a rank left behind would wait in the
+    # next all-reduce until the agent kills it. A repeat during that time is not a second Ctrl-C. The run
+    # starts by downloading (fake) MNIST.
     entry, good, _, data_dir = fake_mnist
     module = SCRIPTS[name][0]
     (tmp_path / "launch.py").write_text(TORCHRUN_WITH_FAKE_MNIST)
@@ -886,6 +902,9 @@ def test_torchrun_ctrl_c_stops_every_rank_after_the_same_step_and_rank_0_downloa
                 if line.startswith("step 3/"):
                     os.killpg(proc.pid, signal.SIGINT)
                     sent = time.monotonic()
+                if line.startswith("step 5/"):  # the first one is handled: a repeat now, to every worker
+                    for pid in children(proc.pid):
+                        os.kill(pid, signal.SIGINT)
                     break
             _, err = proc.communicate(timeout=120)
         finally:
@@ -997,10 +1016,14 @@ def test_cli_samplers_and_ode_eval(tmp_path, tiny_pt, capsys):
         assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
     assert "dpm++2m with 4 network calls" in capsys.readouterr().out
     ddpm.main(["--sample", "2", "--out", str(out)])  # the CLI's default: DPM-Solver++(2M), 20 calls (T = 10 here)
-    assert "dpm++2m with 10 network calls, x̂_0 clipped" in capsys.readouterr().out
+    assert f"dpm++2m with 10 network calls, {ddpm.SPACING} time grid, x̂_0 clipped" in capsys.readouterr().out
+    ddpm.main(["--sample", "2", "--out", str(out), "--time-grid", "log-sigma", "--sample-steps", "4"])
+    assert "dpm++2m with 4 network calls, log-sigma time grid" in capsys.readouterr().out
     ddpm.main(["--eval", "--ode", "--ode-steps", "3", "--probes", "2", "--eval-n", "2", "--data", tiny_pt, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "ODE bound" in printed and "bits/dim" in printed and "per image" in printed
+    nodes = len(ddpm.ode_grid(ddpm.schedule(10), 3))
+    assert f"{nodes} nodes even in log σ̄, {2 * (nodes - 1)} network calls and 2 probe(s)" in printed
     for bad, msg in ((["--ddim-steps", "5", "--sampler", "dpm++2m"], "one or the other"),
                      (["--sampler", "ancestral", "--sample-steps", "5"], "ancestral sampler takes T steps"),
                      (["--sampler", "ddim", "--sample-steps", "20"], "> T = 10 of the model"),
