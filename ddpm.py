@@ -528,11 +528,14 @@ ODE_STEPS = 50  # the ODE likelihood's default: about 100 network calls per imag
 def ode_grid(sch, steps=ODE_STEPS):
     """The integer times t from 1 to T at which the ODE likelihood evaluates the network: steps + 1
     nodes even in log σ̄_t (σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t); -log σ̄_t is DPM-Solver's λ_t), each moved to
-    the integer t nearest in log σ̄ (the network was trained there), duplicates dropped. σ̄ grows
+    the integer t nearest in log σ̄ (the network was trained there), duplicates dropped; T - 1 steps
+    take every integer t. σ̄ grows
     4.7-fold from t = 1 to t = 11 and 1.01-fold from t = 990 to 1000: even in t, a grid would be
     coarsest where the flow changes fastest."""
     if not 1 <= steps <= sch.T - 1:
         raise ValueError(f"ODE steps must be in 1..T-1={sch.T - 1}, got {steps}")
+    if steps == sch.T - 1:  # T - 1 steps: every integer t
+        return list(range(1, sch.T + 1))
     # log σ̄_t = 1/2 [log(1-ᾱ_t) - log ᾱ_t], t = 1..T
     log_sigma_bar = 0.5 * (torch.log1p(-sch.alpha_bar[1:]) - torch.log(sch.alpha_bar[1:]))
     target = torch.linspace(log_sigma_bar[0].item(), log_sigma_bar[-1].item(), steps + 1,
@@ -1381,10 +1384,15 @@ def evaluate(args, model, sch, device, ck):
     else:
         how = "every t" if args.eval_t is None else f"{args.eval_t} t per image"
     secs = time.time() - start
+    # per image, for paired comparisons between runs on the same images (the same seed draws the
+    #   same x_t,
+    # t's and probes)
+    save_checkpoint(os.path.join(args.out, "eval.pt"),
+                    dict(bits_per_dim=bpd, how=how, step=ck["step"]))
     print(f"{'ODE bound' if args.ode else 'bound'}: {bpd.mean():.4f} ± {se:.4f} bits/dim on "
           f"{len(bpd)} images of {args.data} (test), {how}, var={args.var}, step {ck['step']}, "
           f"{secs:.1f}s "
-          f"({secs / len(bpd):.2f}s per image)")
+          f"({secs / len(bpd):.2f}s per image); per image in {os.path.join(args.out, 'eval.pt')}")
 
 
 def seconds_per_call(fn, device, warmup=3, iters=10):

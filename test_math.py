@@ -1181,7 +1181,7 @@ def test_pc_sampler_on_gaussian_data_follows_its_chain():
     sig = ncsn.geometric_sigmas(1.0, 0.01, 10)
     L, snr, M = 10, 0.16, 2
     score = lambda y, i: -(y - m) / (s2 + sig[i].to(y.dtype).reshape(-1, 1, 1, 1) ** 2)  # noqa: E731
-    B, D = 400, 1024
+    B = 400  # images of D = 1024 pixels
     x0 = torch.rand((B, 1, 32, 32), generator=gen(50), dtype=D64)
     trace = []
     ncsn.pc_sample(score, x0, sig, corrector_steps=M, snr=snr, generator=gen(51), trace=trace)

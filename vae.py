@@ -273,10 +273,6 @@ def _flag(convert, ok, what):
 POSITIVE_INT = _flag(int, lambda v: v >= 1, "an integer >= 1")
 COUNT = _flag(int, lambda v: v >= 0, "an integer >= 0")
 POSITIVE = _flag(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-OPEN_UNIT = _flag(float, lambda v: 0 < v < 1, "a number in (0, 1)")
-UNIT = _flag(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-INT_LIST = _flag(lambda s: [int(v) for v in s.split(",") if v.strip()], lambda v: True,
-                 "a comma-separated list of integers")
 
 
 def build_parser():
