@@ -1022,6 +1022,7 @@ def test_cli_samplers_and_ode_eval(tmp_path, tiny_pt, capsys):
     ddpm.main(["--eval", "--ode", "--ode-steps", "3", "--probes", "2", "--eval-n", "2", "--data", tiny_pt, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "ODE bound" in printed and "bits/dim" in printed and "per image" in printed
+    assert torch.load(out / "eval.pt", weights_only=True)["bits_per_dim"].shape == (2,)  # per image
     nodes = len(ddpm.ode_grid(ddpm.schedule(10), 3))
     assert f"{nodes} nodes even in log σ̄, {2 * (nodes - 1)} network calls and 2 probe(s)" in printed
     for bad, msg in ((["--ddim-steps", "5", "--sampler", "dpm++2m"], "one or the other"),
