@@ -1379,8 +1379,9 @@ def evaluate(args, model, sch, device, ck):
     se = (bpd.std() / math.sqrt(len(bpd))).item() if len(bpd) > 1 else torch.cat(ses)[0].item()
     if args.ode:
         nodes, calls = len(ode_grid(sch, args.ode_steps)), ode_calls(sch, args.ode_steps)
-        how = (f"probability-flow ODE, {nodes} nodes even in log σ̄, {calls} network calls and "
-               f"{args.probes} probe(s) per image")
+        where = "every integer t" if nodes == sch.T else f"{nodes} nodes even in log σ̄"
+        how = (f"probability-flow ODE, {where}, {calls} network calls and {args.probes} probe(s) "
+               "per image")
     else:
         how = "every t" if args.eval_t is None else f"{args.eval_t} t per image"
     secs = time.time() - start

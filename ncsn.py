@@ -277,8 +277,10 @@ def pc_sample(score_fn, x, sigmas, corrector_steps=1, snr=0.16, denoise=False, g
 # from common.py, imported in the functions that use them.
 
 # GPU: NCSN's Adam 1e-3, batch 128
-GPU_RECIPE = dict(steps=100_000, batch_size=128, lr=1e-3, warmup=0, ema_decay=0.999)
-CPU_RECIPE = dict(steps=4000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999)
+GPU_RECIPE = dict(steps=100_000, batch_size=128, lr=1e-3, warmup=0, ema_decay=0.999,
+                  ch=32, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
+CPU_RECIPE = dict(steps=4000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999,
+                  ch=32, ch_mult=[1, 2, 2], res_blocks=1, attn=[2], dropout=0.0)
 MODEL_KEYS = ("kind", "in_ch", "image_size", "ch", "ch_mult", "num_res_blocks", "attn", "sigma_1",
               "sigma_L", "levels")
 
@@ -359,17 +361,13 @@ def build_parser():
                    help="steps between progress lines (default 100)")
     g.add_argument("--ckpt-every", type=POSITIVE_INT, default=1000,
                    help="steps between checkpoints (default 1000)")
-    g = p.add_argument_group("model size (U-Net)")
-    g.add_argument("--ch", type=POSITIVE_INT, default=32, help="base width (default 32)")
-    g.add_argument("--ch-mult", type=INT_LIST, default=[1, 2, 2],
-                   help="width multiplier per resolution level, comma separated (default 1,2,2; "
-                        "28px takes at most 3 levels)")
-    g.add_argument("--res-blocks", type=POSITIVE_INT, default=1,
-                   help="residual blocks per level (default 1)")
-    g.add_argument("--attn", type=INT_LIST, default=[2],
-                   help="level indices with self-attention, '' for none (default 2)")
-    g.add_argument("--dropout", type=UNIT, default=0.0,
-                   help="dropout in the residual blocks (default 0)")
+    g = p.add_argument_group("model size (U-Net; unset flags come from the recipe)")
+    g.add_argument("--ch", type=POSITIVE_INT, help="base width")
+    g.add_argument("--ch-mult", type=INT_LIST, help="width multiplier per resolution level, comma "
+                   "separated (28px takes at most 3 levels)")
+    g.add_argument("--res-blocks", type=POSITIVE_INT, help="residual blocks per level")
+    g.add_argument("--attn", type=INT_LIST, help="level indices with self-attention, '' for none")
+    g.add_argument("--dropout", type=UNIT, help="dropout in the residual blocks")
     g = p.add_argument_group("noise levels and sampling (NCSN's MNIST settings)")
     g.add_argument("--sigma-1", type=POSITIVE, default=1.0,
                    help="largest noise level σ_1 (default 1.0)")
@@ -388,7 +386,11 @@ def build_parser():
                    help="pc: Langevin corrector steps per level (default 1)")
     g.add_argument("--snr", type=POSITIVE, default=0.16,
                    help="pc: the corrector's signal-to-noise ratio r (default 0.16)")
-    g.add_argument("--denoise", action="store_true", help="end sampling with x + σ_L^2 s_θ(x, L)")
+    g.add_argument("--start", choices=["uniform", "gaussian"], default="uniform",
+                   help="where sampling starts: uniform on [0, 1] (the notes' Algorithm 1) or "
+                        "N(0, σ_1^2 I) (the VE SDE's prior) (default uniform)")
+    g.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=False,
+                   help="end sampling with x + σ_L^2 s_θ(x, L) (default off)")
     g.add_argument("--strip", action="store_true",
                    help="with --sample: also write the chain after each level (chain.png)")
     g.add_argument("--final-samples", type=COUNT, default=64,
@@ -879,9 +881,11 @@ def model_from_checkpoint(ck, device):
 def write_samples(args, model, sigmas, device, n, strip=False):
     import common
     g = torch.Generator(device=device).manual_seed(args.seed)
-    # Algorithm 1's start: uniform on [0, 1]
     shape = (n, model.in_ch, model.image_size, model.image_size)
-    x_start = torch.rand(shape, device=device, generator=g)
+    if args.start == "uniform":  # Algorithm 1's start: uniform on [0, 1]
+        x_start = torch.rand(shape, device=device, generator=g)
+    else:  # the VE SDE's prior, N(0, σ_1^2 I)
+        x_start = sigmas[1].item() * torch.randn(shape, device=device, generator=g)
     trace = [] if strip else None
     L = len(sigmas) - 1
     start = time.time()
@@ -904,9 +908,11 @@ def write_samples(args, model, sigmas, device, n, strip=False):
     if strip:
         k = min(n, 8)  # rows: samples; columns: the start, then the chain after each level
         frames = torch.stack([x_start[:k]] + [f[:k] for f in trace], dim=1).flatten(0, 1)
-        png = os.path.join(args.out, "chain.png")
+        png, pt = os.path.join(args.out, "chain.png"), os.path.join(args.out, "chain.pt")
         common.write_png(png, frames.float().clamp(0, 1), nrow=len(trace) + 1)
-        print(f"wrote {png} (each row: uniform start, then after each of the {len(trace)} levels)")
+        save_checkpoint(pt, frames.float().cpu())  # as they are, not clamped to [0, 1]
+        print(f"wrote {png} and {pt} (each row: the start, then after each of the {len(trace)} "
+              "levels)")
 
 
 def seconds_per_call(fn, device, warmup=3, iters=10):

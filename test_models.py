@@ -1041,6 +1041,10 @@ def test_ncsn_pc_sampler_cli(tmp_path, tiny_pt, capsys):
     assert "predictor-corrector, 9 network calls" in capsys.readouterr().out  # (3 - 1) + 3 x 2 + 1
     x = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
     assert x.shape == (3, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    # the VE prior's start: the chain's first frame is N(0, σ_1^2 I), not uniform on [0, 1]
+    ncsn.main(["--sample", "8", "--start", "gaussian", "--langevin-steps", "1", "--strip", "--out", out])
+    start = torch.load(tmp_path / "run" / "chain.pt", weights_only=True).reshape(8, 4, 1, 28, 28)[:, 0]
+    assert start.min() < -0.5 and start.max() > 1.5 and abs(start.std().item() - 1.0) < 0.1  # σ_1 = 1
 
 
 # ---------------------------------------------------------------------------------------------------------- copying the files
