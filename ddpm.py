@@ -865,6 +865,10 @@ def main(argv=None):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # gloo's threads must stop before the interpreter does, or a rank can abort at exit
+            # ("terminate called without an active exception", pytorch#190489)
+            torch.distributed.destroy_process_group()
     return 0
 
 

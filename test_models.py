@@ -845,6 +845,24 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
     assert diffs.max() <= bound and (diffs > 1e-6).double().mean() < 1e-3
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ncsn"])
+def test_main_destroys_the_process_group_it_made(name, tmp_path, tiny_pt, monkeypatch):
+    # A rank that exits with gloo's process group alive can abort during the interpreter's shutdown
+    # ("terminate called without an active exception": torchrun then reports the run as failed).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    script = {"ddpm": ddpm, "ncsn": ncsn}[name]
+    levels = ["--levels", "3"] if name == "ncsn" else ["--T", "10"]
+    assert script.main(["--train", "--steps", "1", "--data", tiny_pt, "--out", str(tmp_path / "run"),
+                        "--batch-size", "4", "--final-samples", "0", "--device", "cpu", *levels,
+                        *TINY_UNET]) == 0
+    assert not torch.distributed.is_initialized()
+
+
 def torchrun(script, argv, tmp_path, **popen):
     """torchrun with 2 CPU processes (gloo), SIGINT at its default as in a terminal, in its own process group."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
