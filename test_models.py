@@ -697,7 +697,7 @@ for name, (target, at_call, signals, ignored, argv) in scenarios.items():
     results[name] = dict(code=code, err=err.getvalue(), restored=restored)
 print(json.dumps(results))
 """
-SAMPLERS = {"ddpm": "dpm_solver_sample", "vae": "generate", "ncsn": "annealed_langevin"}
+SAMPLERS = {"ddpm": "ddim_sample", "vae": "generate", "ncsn": "annealed_langevin"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -1033,9 +1033,15 @@ def test_cli_samplers_and_ode_eval(tmp_path, tiny_pt, capsys):
         x = torch.load(out / "samples.pt", weights_only=True)
         assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
     assert "dpm++2m with 4 network calls" in capsys.readouterr().out
-    ddpm.main(["--sample", "2", "--out", str(out)])  # the CLI's default: DPM-Solver++(2M), 20 calls (T = 10 here)
-    assert f"dpm++2m with 10 network calls, {ddpm.SPACING} time grid, x̂_0 clipped" in capsys.readouterr().out
-    ddpm.main(["--sample", "2", "--out", str(out), "--time-grid", "log-sigma", "--sample-steps", "4"])
+    # the CLI's default: DDIM with η = 1, 50 calls (here T = 10 of them), even in t, x̂_0 clipped
+    ddpm.main(["--sample", "2", "--out", str(out), "--precision", "fp32", "--seed", "3"])
+    assert "ddim with 10 network calls, η = 1, uniform time grid, x̂_0 clipped" in capsys.readouterr().out
+    model, sch = ddpm.model_from_checkpoint(ddpm.load_checkpoint(str(out / "ckpt.pt")), torch.device("cpu"))
+    want = ddpm.ddim_sample(model, sch, (2, 1, 28, 28), 10, eta=1.0, clip_x0=True,
+                            generator=torch.Generator().manual_seed(3), spacing="uniform")
+    torch.testing.assert_close(torch.load(out / "samples.pt", weights_only=True), (want.clamp(-1, 1) + 1) / 2)
+    ddpm.main(["--sample", "2", "--out", str(out), "--sampler", "dpm++2m", "--time-grid", "log-sigma",
+               "--sample-steps", "4"])
     assert "dpm++2m with 4 network calls, log-sigma time grid" in capsys.readouterr().out
     ddpm.main(["--eval", "--ode", "--ode-steps", "3", "--probes", "2", "--eval-n", "2", "--data", tiny_pt, "--out", str(out)])
     printed = capsys.readouterr().out
