@@ -399,13 +399,14 @@ def time_grid(sch, steps, spacing="uniform"):
 @torch.no_grad()
 def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generator=None,
                 callback=None, device=None, x_T=None, spacing="uniform"):
-    """DDIM (Song, Meng & Ermon 2021, eq. 12) on the evenly spaced integer times of time_grid:
-    `steps` network calls.
+    """DDIM (Song, Meng & Ermon 2021, eq. 12) on the integer times of time_grid(sch, steps,
+    spacing): `steps` network calls.
 
     eta = 0 is deterministic: the Euler discretisation of the probability-flow ODE in the variables
     x̄ = x_t / sqrt(ᾱ_t), σ̄ = sqrt(1-ᾱ_t)/sqrt(ᾱ_t) (DDIM eq. 14; see the SDE view below). eta = 1
-    with steps = T is the ancestral sampler with σ_t^2 = β̃_t. callback(k, t, x) after step k with x
-    = x_t at the new t.
+    is the ancestral sampler (σ^2 = β̃) of the shorter chain through the grid's times, whose β's are
+    1 - ᾱ_t/ᾱ_prev; with steps = T, the notes' own. callback(k, t, x) after step k with x = x_t at
+    the new t.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")

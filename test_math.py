@@ -215,6 +215,23 @@ def test_ddim_eta1_full_steps_is_the_ancestral_sampler():
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_ddim_eta1_few_steps_is_the_ancestral_sampler_of_the_shorter_chain():
+    # the CLI's default sampler: on t_K > ... > t_1 > t_0 = 0 the chain q(x_{t_k}|x_{t_{k-1}}) has
+    # β'_k = 1 - ᾱ_{t_k}/ᾱ_{t_{k-1}}; DDIM with η = 1 is the notes' ancestral sampler (σ^2 = β̃') on it
+    s = ddpm.schedule(T=50)
+    ts = ddpm.time_grid(s, 10, "uniform")
+    m = TinyEps()
+    t_of = torch.tensor(ts[::-1])  # the shorter chain's step k = 0..10 is the original t_k
+    ab = s.alpha_bar
+    beta = torch.zeros(11, dtype=torch.float64)
+    for k in range(1, 11):
+        beta[k] = 1 - ab[t_of[k]] / ab[t_of[k - 1]]
+    shorter = ddpm.Schedule(beta)
+    a = ddpm.sample(lambda x, k: m(x, t_of[k]), shorter, (4, 1, 6, 6), var="beta_tilde", generator=gen(5))
+    b = ddpm.ddim_sample(m, s, (4, 1, 6, 6), steps=10, eta=1.0, generator=gen(5))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
 def test_ddim_eta0_is_deterministic_and_spans_T_to_0():
     s = ddpm.schedule(T=100)
     m = TinyEps()
