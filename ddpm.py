@@ -1350,9 +1350,9 @@ def write_samples(args, model, sch, device, n):
     x01 = (x.clamp(-1, 1) + 1) / 2
     common.write_png(png, x01)
     save_checkpoint(pt, x01.detach().float().cpu())
-    grid = f", {args.time_grid} time grid" if args.sampler != "ancestral" else ""
-    grid = f", η = {args.eta:g}{grid}" if args.sampler == "ddim" else grid
-    print(f"wrote {png} and {pt} ({n} samples, {args.sampler} with {steps} network calls{grid}"
+    how = f", η = {args.eta:g}" if args.sampler == "ddim" else ""
+    how += f", {args.time_grid} time grid" if args.sampler != "ancestral" else ""
+    print(f"wrote {png} and {pt} ({n} samples, {args.sampler} with {steps} network calls{how}"
           f"{', x̂_0 clipped' if args.clip_x0 else ''}, {time.time() - start:.1f}s)")
 
 
