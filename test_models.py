@@ -446,11 +446,11 @@ def test_score_net_steps_lower_the_loss():
 def test_ncsn_cli_trains_resumes_and_samples(tmp_path, tiny_pt, capsys):
     out = str(tmp_path / "run")
     base = ["--data", tiny_pt, "--out", out, "--batch-size", "4", "--log-every", "1", "--levels", "3",
-            "--langevin-steps", "2", "--final-samples", "0", *TINY_UNET]
+            "--corrector-steps", "2", "--final-samples", "0", *TINY_UNET]
     assert ncsn.main(["--train", "--steps", "2", *base]) == 0
     ncsn.main(["--train", "--resume", "--steps", "3", *base])
     assert "resumed from" in capsys.readouterr().out and ncsn.load_checkpoint(out + "/ckpt.pt")["step"] == 3
-    ncsn.main(["--sample", "4", "--strip", "--denoise", "--langevin-steps", "2", "--out", out])
+    ncsn.main(["--sample", "4", "--strip", "--sampler", "annealed", "--langevin-steps", "2", "--out", out])
     x = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
     assert x.shape == (4, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     W, H, _, _ = read_png(tmp_path / "run" / "chain.png")
@@ -467,7 +467,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {
     "ddpm": (ddpm, ["--T", "10", "--dropout", "0.1", "--final-samples", "0", *TINY_UNET], "loss_simple"),
     "vae": (vae, ["--hidden", "16", "--latent-dim", "3"], "elbo"),
-    "ncsn": (ncsn, ["--levels", "3", "--langevin-steps", "2", "--dropout", "0.1", "--final-samples", "0", *TINY_UNET], "dsm_loss"),
+    "ncsn": (ncsn, ["--levels", "3", "--corrector-steps", "2", "--dropout", "0.1", "--final-samples", "0", *TINY_UNET], "dsm_loss"),
 }
 
 
@@ -652,7 +652,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_message(name, layer, tmp_p
 def test_a_failing_sample_write_is_one_message_and_keeps_the_old_file(name, tmp_path, tiny_pt, monkeypatch, capsys):
     module = SCRIPTS[name][0]
     module.main(train_argv(name, tmp_path, tiny_pt, 1))
-    extra = ["--langevin-steps", "1"] if name == "ncsn" else []
+    extra = ["--corrector-steps", "1"] if name == "ncsn" else []
     module.main(["--sample", "2", "--out", str(tmp_path), *extra])
     before = (tmp_path / "samples.png").read_bytes()
     real_open = common.open_new
@@ -697,14 +697,14 @@ for name, (target, at_call, signals, ignored, argv) in scenarios.items():
     results[name] = dict(code=code, err=err.getvalue(), restored=restored)
 print(json.dumps(results))
 """
-SAMPLERS = {"ddpm": "ddim_sample", "vae": "generate", "ncsn": "annealed_langevin"}
+SAMPLERS = {"ddpm": "ddim_sample", "vae": "generate", "ncsn": "pc_sample"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_signals_stop_training_at_a_step_with_a_checkpoint_and_a_command_that_resumes(name, tmp_path, tiny_pt):
     module, _, loss_name = SCRIPTS[name]
     train = lambda out: train_argv(name, tmp_path / out, tiny_pt, 12, "--ckpt-every", "100")  # noqa: E731
-    sample = ["--sample", "4", "--out", str(tmp_path / "int")] + (["--langevin-steps", "2"] if name == "ncsn" else [])
+    sample = ["--sample", "4", "--out", str(tmp_path / "int")] + (["--corrector-steps", "2"] if name == "ncsn" else [])
     scenarios = {
         "SIGINT": (loss_name, 2, ["SIGINT"], [], train("int")),
         "SIGTERM": (loss_name, 2, ["SIGTERM"], [], train("term")),
@@ -813,7 +813,7 @@ def test_unwritable_output_and_missing_checkpoint(name, tmp_path, tiny_pt, capsy
 def test_same_seed_same_samples(name, tmp_path, tiny_pt):
     module = SCRIPTS[name][0]
     module.main(train_argv(name, tmp_path, tiny_pt, 1))
-    extra = ["--langevin-steps", "2"] if name == "ncsn" else []
+    extra = ["--corrector-steps", "2"] if name == "ncsn" else []
     runs = []
     for _ in range(2):
         module.main(["--sample", "3", "--out", str(tmp_path), "--seed", "11", *extra])
@@ -979,38 +979,41 @@ def test_cuda_device_turns_on_tf32_for_fp32_matmuls(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------- budget, MACs, samplers
 
 
-def test_minutes_budget_counts_across_resume(tmp_path, tiny_pt, capsys):
+@pytest.mark.parametrize("name", ["ddpm", "ncsn"])
+def test_minutes_budget_counts_across_resume(name, tmp_path, tiny_pt, capsys):
     # --minutes M trains until M minutes of training in all; the time is kept in the checkpoint, so
     # --resume --minutes M' trains until the run's total reaches M'
+    module, flags, _ = SCRIPTS[name]
     out = tmp_path / "run"
-    base = ddpm_cli(out, tiny_pt)
-    ddpm.main(["--train", "--minutes", "0.01", *base])
-    ck = ddpm.load_checkpoint(str(out / "ckpt.pt"))
+    base = ["--data", tiny_pt, "--out", str(out), "--batch-size", "4", *flags]
+    module.main(["--train", "--minutes", "0.01", *base])
+    ck = module.load_checkpoint(str(out / "ckpt.pt"))
     assert ck["step"] >= 1 and 0.6 <= ck["train_seconds"] < 30
     printed = capsys.readouterr().out
     assert "MACs" in printed and "trained" in printed
     more = ck["train_seconds"] / 60 + 0.01
-    ddpm.main(["--train", "--resume", "--minutes", str(more), *base])
-    ck2 = ddpm.load_checkpoint(str(out / "ckpt.pt"))
+    module.main(["--train", "--resume", "--minutes", str(more), *base])
+    ck2 = module.load_checkpoint(str(out / "ckpt.pt"))
     assert ck2["step"] > ck["step"] and ck2["train_seconds"] >= 60 * more
-    ddpm.main(["--train", "--resume", "--minutes", "0.01", *base])  # already past it: no step more
-    assert ddpm.load_checkpoint(str(out / "ckpt.pt"))["step"] == ck2["step"]
-    ddpm.main(["--train", "--resume", "--minutes", "10", "--steps", str(ck2["step"] + 2), *base])  # steps first
-    assert ddpm.load_checkpoint(str(out / "ckpt.pt"))["step"] == ck2["step"] + 2
+    module.main(["--train", "--resume", "--minutes", "0.01", *base])  # already past it: no step more
+    assert module.load_checkpoint(str(out / "ckpt.pt"))["step"] == ck2["step"]
+    module.main(["--train", "--resume", "--minutes", "10", "--steps", str(ck2["step"] + 2), *base])  # steps first
+    assert module.load_checkpoint(str(out / "ckpt.pt"))["step"] == ck2["step"] + 2
 
 
-def test_recipe_length_is_minutes_on_cpu_unless_steps_are_given():
-    p = ddpm.build_parser()
+@pytest.mark.parametrize("module", [ddpm, ncsn], ids=["ddpm", "ncsn"])
+def test_recipe_length_is_minutes_on_cpu_unless_steps_are_given(module):
+    p = module.build_parser()
     cpu = torch.device("cpu")
     args = p.parse_args(["--train"])
-    ddpm.fill_recipe(args, cpu)
+    module.fill_recipe(args, cpu)
     assert args.minutes == 15 and args.steps is None
     args = p.parse_args(["--train", "--steps", "7"])
-    ddpm.fill_recipe(args, cpu)
+    module.fill_recipe(args, cpu)
     assert args.steps == 7 and args.minutes is None
     args = p.parse_args(["--train", "--minutes", "2"])
-    ddpm.fill_recipe(args, torch.device("cuda"))
-    assert args.minutes == 2 and args.steps is None and args.lr == ddpm.GPU_RECIPE["lr"]
+    module.fill_recipe(args, torch.device("cuda"))
+    assert args.minutes == 2 and args.steps is None and args.lr == module.GPU_RECIPE["lr"]
 
 
 def test_progress_line_counts_macs_as_three_forward_passes_per_image(tiny_pt, tmp_path, capsys):
@@ -1066,9 +1069,51 @@ def test_ncsn_pc_sampler_cli(tmp_path, tiny_pt, capsys):
     x = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
     assert x.shape == (3, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     # the VE prior's start: the chain's first frame is N(0, σ_1^2 I), not uniform on [0, 1]
-    ncsn.main(["--sample", "8", "--start", "gaussian", "--langevin-steps", "1", "--strip", "--out", out])
+    ncsn.main(["--sample", "8", "--start", "gaussian", "--corrector-steps", "1", "--strip", "--out", out])
     start = torch.load(tmp_path / "run" / "chain.pt", weights_only=True).reshape(8, 4, 1, 28, 28)[:, 0]
     assert start.min() < -0.5 and start.max() > 1.5 and abs(start.std().item() - 1.0) < 0.1  # σ_1 = 1
+
+
+def test_ncsn_cli_default_sampler_is_the_measured_one(tmp_path, tiny_pt, capsys):
+    # README, score model: the CLI samples with predictor-corrector, M = 39 corrector steps, r = 0.35, the
+    # final denoising step, from the uniform start (the notes' Algorithm 1 start); the library keeps [SDE]'s
+    out = str(tmp_path / "run")
+    ncsn.main(["--train", "--steps", "1", "--data", tiny_pt, "--out", out, "--batch-size", "4", "--levels", "2",
+               "--final-samples", "0", *TINY_UNET])
+    ncsn.main(["--sample", "2", "--seed", "5", "--out", out])
+    assert "predictor-corrector, 80 network calls" in capsys.readouterr().out  # (2 - 1) + 2 x 39 + 1
+    model, sigmas = ncsn.model_from_checkpoint(ncsn.load_checkpoint(out + "/ckpt.pt"), torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 28, 28, generator=g)
+    want = ncsn.pc_sample(model, x, sigmas, corrector_steps=39, snr=0.35, denoise=True, generator=g).clamp(0, 1)
+    assert torch.equal(torch.load(out + "/samples.pt", weights_only=True), want)
+    args = ncsn.build_parser().parse_args(["--sample", "1"])
+    assert (args.langevin_steps, args.langevin_eps) == (40, 5e-5)  # Algorithm 1's best at the same calls
+
+
+def test_ncsn_cpu_recipe_final_samples_fit_their_mac_budget(monkeypatch):
+    # `python ncsn.py --train` on a CPU ends with 64 samples from the default sampler; they may cost at most
+    # 2.5e12 multiply-accumulates (about a minute at 42 GMAC/s): 64 x network calls x MACs per image
+    args = ncsn.build_parser().parse_args(["--train"])
+    ncsn.fill_recipe(args, torch.device("cpu"))
+    sigmas = ncsn.geometric_sigmas(args.sigma_1, args.sigma_L, args.levels)
+    model = ncsn.ScoreNet(sigmas, **ncsn.unet_config(args, 1, 28)).eval()
+    macs = ncsn.macs_per_image(model, torch.zeros(1, 1, 28, 28), torch.ones(1, dtype=torch.long))
+    L = len(sigmas) - 1
+    assert args.final_samples == 64 and 64 * ncsn.network_calls(args, L) * macs <= 2.5e12
+    # the count is the sampler's: call the CLI's sampling on a 2-level tiny model and count the calls
+    counted = []
+    forward = ncsn.ScoreNet.forward
+    monkeypatch.setattr(ncsn.ScoreNet, "forward", lambda self, x, i: counted.append(1) or forward(self, x, i))
+    small = ncsn.geometric_sigmas(args.sigma_1, args.sigma_L, 2)
+    tiny = ncsn.ScoreNet(small, in_ch=1, ch=8, ch_mult=[1], num_res_blocks=1, attn=[], dropout=0.0, image_size=8)
+    for flags in ([], ["--sampler", "annealed", "--langevin-steps", "3"], ["--corrector-steps", "3"], ["--no-denoise"]):
+        a = ncsn.build_parser().parse_args(["--sample", "2", "--out", "unused", *flags])
+        counted.clear()
+        monkeypatch.setattr(ncsn, "save_checkpoint", lambda path, obj: None)
+        monkeypatch.setattr(common, "write_png", lambda path, x, **k: None)
+        ncsn.write_samples(a, tiny.eval(), small, torch.device("cpu"), 2)
+        assert len(counted) == ncsn.network_calls(a, 2), flags
 
 
 # ---------------------------------------------------------------------------------------------------------- copying the files
