@@ -15,6 +15,7 @@ ScoreNet common.UNet; the samplers take any score function score_fn(x, i).
 """
 import argparse
 import contextlib
+import gc
 import json
 import shlex
 import math
@@ -464,7 +465,10 @@ def main(argv=None):
             signal.signal(s, handler)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # gloo's threads must stop before the interpreter does, or a rank can abort at exit
-            # ("terminate called without an active exception", pytorch#190489)
+            # ("terminate called without an active exception", pytorch#190489). The DDP wrapper
+            # and its reducer sit in reference cycles: collect them first, while the interpreter
+            # is whole, so no gloo work object outlives the group into interpreter shutdown
+            gc.collect()
             torch.distributed.destroy_process_group()
     return 0
 
