@@ -181,7 +181,7 @@ class CondInstanceNorm2dPlus(nn.Module):
         g, b, a = (p[i - 1][:, :, None, None] for p in (self.gamma, self.beta, self.alpha))
         # 条件实例归一化: (x[c,h,w] - u_c)/Φ_c, Φ_c = sqrt(1/HW Σ_{h,w} (x[c,h,w] - u_c)^2): group
         # norm with one channel per group is instance norm, and torch's fused kernel (forward and
-        # backward) is 2.6x faster on a CPU than writing it term by term (README: performance)
+        # backward) is 2.6x faster on a CPU than writing it term by term (README: score model)
         x_hat = F.group_norm(x, x.shape[1], eps=self.stabilizer)
         # 条件实例归一化: y[c,h,w] = γ[i,c] (x[c,h,w] - u_c)/Φ_c + β[i,c] + α[i,c] (u_c - m)/v
         return torch.addcmul(b + a * (u - m) / v, x_hat, g)
