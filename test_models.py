@@ -1107,11 +1107,11 @@ def test_ncsn_cpu_recipe_final_samples_fit_their_mac_budget(monkeypatch):
     monkeypatch.setattr(ncsn.ScoreNet, "forward", lambda self, x, i: counted.append(1) or forward(self, x, i))
     small = ncsn.geometric_sigmas(args.sigma_1, args.sigma_L, 2)
     tiny = ncsn.ScoreNet(small, in_ch=1, ch=8, ch_mult=[1], num_res_blocks=1, attn=[], dropout=0.0, image_size=8)
+    monkeypatch.setattr(ncsn, "save_checkpoint", lambda path, obj: None)
+    monkeypatch.setattr(common, "write_png", lambda path, x, **k: None)
     for flags in ([], ["--sampler", "annealed", "--langevin-steps", "3"], ["--corrector-steps", "3"], ["--no-denoise"]):
         a = ncsn.build_parser().parse_args(["--sample", "2", "--out", "unused", *flags])
         counted.clear()
-        monkeypatch.setattr(ncsn, "save_checkpoint", lambda path, obj: None)
-        monkeypatch.setattr(common, "write_png", lambda path, x, **k: None)
         ncsn.write_samples(a, tiny.eval(), small, torch.device("cpu"), 2)
         assert len(counted) == ncsn.network_calls(a, 2), flags
 
