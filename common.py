@@ -416,7 +416,7 @@ def to_range(x, lo):
 
 
 def data_shape(data, data_dir="data"):
-    """(C, H) of a data set without downloading it (for --bench), or of a .pt/.npy file."""
+    """(C, H) of a data set without downloading it (for measure/bench.py), or of a .pt/.npy file."""
     known = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
     if data in known:
         return known[data]

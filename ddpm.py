@@ -17,7 +17,6 @@ network is any callable eps_model(x_t, t) -> ε_θ (an nn.Module, a function, a 
 import argparse
 import contextlib
 import gc
-import json
 import shlex
 import math
 import os
@@ -282,7 +281,9 @@ def _start(shape, device, x_T, generator):
 def sample(eps_model, sch, shape, var="beta_tilde", clip_x0=False, generator=None, callback=None,
            device=None, x_T=None):
     """Ancestral sampling (训练与推理, 推导): x_T ~ p(x_T) = N(0, I), then x_{t-1} ~ p_θ(x_{t-1}|x_t),
-    t = T..1; [SDE] eq. 4's discretisation of the reverse-time SDE (the SDE view below).
+    t = T..1: a discretisation of the reverse-time SDE (the SDE view below). [SDE] eq. 4 is this
+    step with σ_t^2 = β_t (var="beta"); the default σ_t^2 = β̃_t is the DDPM paper's other choice, the
+    true posterior's variance, which the same SDE admits in the limit of small steps.
 
     T network calls. callback(k, t, x), if given, is called after each step k = 0..T-1 with
     x = x_{t-1}.
@@ -364,8 +365,8 @@ def time_grid(sch, steps, spacing="uniform"):
     """The integer times a few-step sampler visits: `steps` distinct t from t = T down, strictly
     decreasing, then t = 0, where ᾱ_0 = 1 and the last step lands on x̂_0.
 
-    spacing: "uniform", even in t (DDIM); "quadratic", t_k = T (k/steps)^2, dense near t = 0 (DDIM's
-    CIFAR-10 choice); "log-sigma", even in log σ̄_t = -λ_t from t = T to t = 1 (DPM-Solver's
+    spacing: "uniform", even in t (DDIM); "quadratic", t_k = T (k/steps)^2, dense near t = 0 (after
+    DDIM's CIFAR-10 grid, whose code spaces sqrt(t) evenly up to 0.8 T, not up to T); "log-sigma", even in log σ̄_t = -λ_t from t = T to t = 1 (DPM-Solver's
     time-uniform-in-λ grid), with σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t). Each is rounded to integer t (the
     network was trained there); where rounding makes two times equal near t = 0, they are moved
     apart by one step to stay distinct and >= 1.
@@ -424,7 +425,8 @@ def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generat
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
             # 扩散过程 solved for ε: ε = (x_t - sqrt(ᾱ_t) x̂_0) / sqrt(1-ᾱ_t), the noise that the
-            # clipped x̂_0 implies
+            # clipped x̂_0 implies. Re-deriving ε is GLIDE's choice and diffusers' DDIMScheduler with
+            # use_clipped_model_output=True; diffusers' default keeps the network's ε
             eps_theta = (x - math.sqrt(ab_t) * x0_hat) / math.sqrt(1 - ab_t)
         # DDIM eq. 16: σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev)
         #   (η = 1, prev = t-1: σ = sqrt(β̃_t))
@@ -446,7 +448,8 @@ def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generat
 #   dx = -1/2 β(τ) x dτ + sqrt(β(τ)) dw,  β(t/T) = T β_t.
 #   Its marginal is q(x_t|x_0) (q_sample); log ᾱ(τ) = -∫_0^τ β(s) ds, here known at the integers t.
 # [SDE] eq. 6: the reverse-time SDE  dx = [f(x,τ) - g(τ)^2 ∇_x log p_τ(x)] dτ + g(τ) dw̄  with
-#   f = -1/2 β x, g = sqrt(β); ancestral sampling (sample) is its discretisation [SDE] eq. 4.
+#   f = -1/2 β x, g = sqrt(β); ancestral sampling (sample) discretises its reverse, and with
+#   σ_t^2 = β_t it is [SDE] eq. 4.
 # [SDE] eq. 13: the probability-flow ODE  dx/dτ = f(x,τ) - 1/2 g(τ)^2 ∇_x log p_τ(x), with the same
 #   marginals; DDIM with η = 0 is its Euler step in x̄ = x/sqrt(ᾱ), σ̄ = sqrt((1-ᾱ)/ᾱ):
 #   dx̄/dσ̄ = ε_θ (DDIM eq. 14).
@@ -652,7 +655,7 @@ def ode_bound(eps_model, sch, x0, steps=ODE_STEPS, probes=1, var="beta_tilde", g
 
 
 # ==================================================================================================
-# Command line: recipes and flags, the training loop, sampling, --eval, --bench
+# Command line: recipes and flags, the training loop, sampling, --eval
 #
 # Nothing above this banner needs it. It takes the U-Net, the data and the PNG writer from
 # common.py, imported in the functions that use them, so that `import ddpm` itself needs only torch.
@@ -716,8 +719,6 @@ def build_parser():
                    help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
     g.add_argument("--eval", action="store_true",
                    help="the variational bound in bits/dim on the test split")
-    g.add_argument("--bench", action="store_true",
-                   help="time training steps and sampling network calls; print one JSON line")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default="mnist",
                    help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
@@ -807,8 +808,8 @@ def build_parser():
 def parse(argv):
     p = build_parser()
     args = p.parse_args(argv)
-    if not (args.train or args.sample or args.eval or args.bench):
-        p.error("nothing to do: give --train, --sample N, --eval or --bench")
+    if not (args.train or args.sample or args.eval):
+        p.error("nothing to do: give --train, --sample N or --eval")
     if args.beta_T < args.beta_1:
         p.error(f"--beta-T {args.beta_T} < --beta-1 {args.beta_1}: DDPM's betas increase with t")
     if args.eta < 0 or not math.isfinite(args.eta):
@@ -846,8 +847,6 @@ def main(argv=None):
             rank, world, device = setup_distributed(args.device)
         except RuntimeError as e:
             p.error(f"--device {args.device}: {e}")
-        if args.bench:
-            return bench(args, device)
         if args.train:
             train(args, rank, world, device)
         if (args.sample or args.eval) and rank == 0:
@@ -1009,15 +1008,6 @@ def make_ema(model, decay):
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update)
 
 
-def macs_per_image(model, *example):
-    """Multiply-accumulates of one forward pass on one image, counted by
-    torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*example)
-    return counter.get_total_flops() // 2
-
-
 def clock(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -1065,12 +1055,10 @@ def train(args, rank, world, device):
                    data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup=args.warmup)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    one = torch.ones(1, dtype=torch.long, device=device)
-    macs = macs_per_image(model, torch.zeros(1, C, H, W, device=device), one)
     if rank == 0:
         check_writable(args.out)
         print(f"{recipe}; {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{macs / 1e6:.1f}M MACs per image; {N} images {C}x{H}x{W}; device {device}; "
+              f"{N} images {C}x{H}x{W}; device {device}; "
               f"{world} process(es)", flush=True)
     data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
     opt, warm = make_optimizer(model, args.lr, args.warmup)
@@ -1193,9 +1181,7 @@ def train(args, rank, world, device):
                     else:
                         budget = f"{clock(seconds())} ETA {clock((args.steps - step) / rate)}"
                     print(f"step {step}{total} loss {loss.item():.4g} "
-                          f"lr {warm.get_last_lr()[0]:.4g} "
-                          f"MACs {3 * macs * args.batch_size * step:.3g} {rate:.2f} it/s {budget}",
-                          flush=True)  # counted MACs: forward + backward ~ 3 forwards per image
+                          f"lr {warm.get_last_lr()[0]:.4g} {rate:.2f} it/s {budget}", flush=True)
             if step % args.ckpt_every == 0 or done:
                 save(step)
     finally:
@@ -1307,7 +1293,7 @@ def model_from_checkpoint(ck, device):
     return model.to(device).eval(), schedule(saved["T"], saved["beta_1"], saved["beta_T"])
 
 
-# ---- sampling, --eval, --bench
+# ---- sampling, --eval
 
 
 def network_calls(args, sch):
@@ -1407,78 +1393,6 @@ def evaluate(args, model, sch, device, ck):
           f"{len(bpd)} images of {args.data} (test), {how}, var={args.var}, step {ck['step']}, "
           f"{secs:.1f}s "
           f"({secs / len(bpd):.2f}s per image); per image in {os.path.join(args.out, 'eval.pt')}")
-
-
-def seconds_per_call(fn, device, warmup=3, iters=10):
-    """fn's mean wall time over `iters` calls after `warmup` untimed ones (compilation included)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters
-
-
-def peak_memory_mib(device):
-    """Peak memory of this process in MiB: the CUDA allocator's, or the resident set's (Unix
-    only)."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return None
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
-
-
-def bench(args, device):
-    """--bench: train()'s training step and one sampling network call, timed on random data; one
-    JSON line: parameters, counted MACs per image, training images/s, sampling calls/s, peak
-    memory."""
-    import common
-    C, H = common.data_shape(args.data, args.data_dir)
-    fill_recipe(args, device)
-    torch.manual_seed(args.seed)
-    model = common.UNet(**unet_config(args, C, H)).to(device)
-    sch = schedule(args.T, args.beta_1, args.beta_T).to(device)
-    B = args.batch_size
-    x0 = torch.rand(B, C, H, H, device=device) * 2 - 1
-    t = torch.full((B,), sch.T, device=device)
-    opt, warm = make_optimizer(model, args.lr, args.warmup)
-    ema = make_ema(model, args.ema_decay)
-    net = torch.compile(model) if args.compile else model
-    bf16 = use_bf16(device, args.precision)
-
-    def train_step():
-        with autocast(device, bf16):
-            loss = loss_simple(net, sch, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        warm.step()
-        ema.update_parameters(model)
-
-    def sample_call():
-        with torch.no_grad(), autocast(device, bf16):
-            net(x0, t)
-
-    macs = macs_per_image(model, x0[:1], t[:1])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_train, t_sample = seconds_per_call(train_step, device), seconds_per_call(sample_call, device)
-    print(json.dumps(dict(
-        params=sum(q.numel() for q in model.parameters()), macs_per_image=macs, batch_size=B,
-        train_img_per_s=round(B / t_train, 2), sample_evals_per_s=round(1 / t_sample, 3),
-        sample_img_evals_per_s=round(B / t_sample, 2), peak_mem_mib=peak_memory_mib(device),
-        device=str(device), dtype="bf16 autocast" if bf16 else "fp32", torch=torch.__version__,
-        threads=torch.get_num_threads())))
-    return 0
 
 
 if __name__ == "__main__":

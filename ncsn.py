@@ -16,7 +16,6 @@ ScoreNet common.UNet; the samplers take any score function score_fn(x, i).
 import argparse
 import contextlib
 import gc
-import json
 import shlex
 import math
 import os
@@ -124,7 +123,9 @@ def annealed_langevin(score_fn, x, sigmas, step_size=2e-5, T=100, denoise=False,
 
     This is the Langevin step above with ε = α_i / 2 (ε s + sqrt(2ε) z). `x` is the start (the CLI
     and the notes draw it from the uniform distribution on [0, 1]); score_fn(x, i) is a network or
-    an exact score; step_size is Algorithm 1's ε. denoise=True ends with x + σ_L^2 s(x, L)
+    an exact score; step_size is Algorithm 1's ε. The default 2e-5 is the NCSN paper's ε in this
+    form; NCSN's released code applies its step_lr = 2e-5 as x + ε s + sqrt(2ε) z with
+    ε = step_lr σ_i^2/σ_L^2, which is ε = 4e-5 here (α_i = 2 step_lr σ_i^2/σ_L^2). denoise=True ends with x + σ_L^2 s(x, L)
     (Tweedie's formula; the improved NCSN paper's final step). trace: an optional list that receives
     x after each level. L·T network calls (+1 with denoise).
     """
@@ -276,7 +277,7 @@ def pc_sample(score_fn, x, sigmas, corrector_steps=1, snr=0.16, denoise=False, g
 
 
 # ==================================================================================================
-# Command line: recipes and flags, the training loop, sampling, --bench
+# Command line: recipes and flags, the training loop, sampling
 #
 # Nothing above this banner needs it but ScoreNet. It takes the U-Net, the data and the PNG writer
 # from common.py, imported in the functions that use them.
@@ -336,8 +337,6 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
     g.add_argument("--sample", type=POSITIVE_INT, metavar="N",
                    help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
-    g.add_argument("--bench", action="store_true",
-                   help="time training steps and sampling network calls; print one JSON line")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default="mnist",
                    help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
@@ -391,7 +390,8 @@ def build_parser():
     # denoising step, from either start, the lowest Fréchet distance was predictor-corrector with
     # M = 39, r = 0.35, denoised, from the uniform start: 400 network calls. Algorithm 1's own
     # defaults are its best setting at the same calls (T = 40, ε = 5e-5); the notes' T = 100, ε = 2e-5
-    # (NCSN's) stay the defaults of annealed_langevin().
+    # (the NCSN paper's; its released code's step is ε = 4e-5 in this form) stay the defaults of
+    # annealed_langevin().
     g.add_argument("--sampler", choices=["annealed", "pc"], default="pc",
                    help="annealed: Algorithm 1 (L·T network calls); pc: predictor-corrector "
                         "(L-1 + L·M calls) (default pc)")
@@ -419,8 +419,8 @@ def build_parser():
 def parse(argv):
     p = build_parser()
     args = p.parse_args(argv)
-    if not (args.train or args.sample or args.bench):
-        p.error("nothing to do: give --train, --sample N or --bench")
+    if not (args.train or args.sample):
+        p.error("nothing to do: give --train or --sample N")
     if args.levels > 1 and args.sigma_1 <= args.sigma_L:
         p.error(f"--sigma-1 {args.sigma_1} must exceed --sigma-L {args.sigma_L}")
     return p, args
@@ -444,8 +444,6 @@ def main(argv=None):
             rank, world, device = setup_distributed(args.device)
         except RuntimeError as e:
             p.error(f"--device {args.device}: {e}")
-        if args.bench:
-            return bench(args, device)
         if args.train:
             train(args, rank, world, device)
         if args.sample and rank == 0:
@@ -603,15 +601,6 @@ def make_ema(model, decay):
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update)
 
 
-def macs_per_image(model, *example):
-    """Multiply-accumulates of one forward pass on one image, counted by
-    torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*example)
-    return counter.get_total_flops() // 2
-
-
 def clock(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -659,12 +648,10 @@ def train(args, rank, world, device):
                    dropout=args.dropout, seed=args.seed, data=args.data, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr, warmup=args.warmup)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    one = torch.ones(1, dtype=torch.long, device=device)
-    macs = macs_per_image(model, torch.zeros(1, C, H, W, device=device), one)
     if rank == 0:
         check_writable(args.out)
         print(f"{recipe}; {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{macs / 1e6:.1f}M MACs per image; L={args.levels} levels σ {args.sigma_1}.."
+              f"L={args.levels} levels σ {args.sigma_1}.."
               f"{args.sigma_L}; {N} images {C}x{H}x{W}; device {device}; {world} process(es)",
               flush=True)
     data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
@@ -789,8 +776,7 @@ def train(args, rank, world, device):
                     else:
                         budget = f"{clock(seconds())} ETA {clock((args.steps - step) / rate)}"
                     print(f"step {step}{total} loss {loss.item():.4g} "
-                          f"MACs {3 * macs * args.batch_size * step:.3g} {rate:.2f} it/s {budget}",
-                          flush=True)  # counted MACs: forward + backward ~ 3 forwards per image
+                          f"lr {warm.get_last_lr()[0]:.4g} {rate:.2f} it/s {budget}", flush=True)
             if step % args.ckpt_every == 0 or done:
                 save(step)
     finally:
@@ -900,7 +886,7 @@ def model_from_checkpoint(ck, device):
     return model.to(device).eval(), sigmas
 
 
-# ---- sampling, --bench
+# ---- sampling
 
 
 def network_calls(args, L):
@@ -944,78 +930,6 @@ def write_samples(args, model, sigmas, device, n, strip=False):
         save_checkpoint(pt, frames.float().cpu())  # as they are, not clamped to [0, 1]
         print(f"wrote {png} and {pt} (each row: the start, then after each of the {len(trace)} "
               "levels)")
-
-
-def seconds_per_call(fn, device, warmup=3, iters=10):
-    """fn's mean wall time over `iters` calls after `warmup` untimed ones (compilation included)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters
-
-
-def peak_memory_mib(device):
-    """Peak memory of this process in MiB: the CUDA allocator's, or the resident set's (Unix
-    only)."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return None
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
-
-
-def bench(args, device):
-    """--bench: train()'s training step and one Langevin network call, timed on random data; one
-    JSON line: parameters, counted MACs per image, training images/s, sampling calls/s, peak
-    memory."""
-    import common
-    C, H = common.data_shape(args.data, args.data_dir)
-    fill_recipe(args, device)
-    torch.manual_seed(args.seed)
-    sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.levels)
-    model = ScoreNet(sigmas, **unet_config(args, C, H)).to(device)
-    B = args.batch_size
-    x = torch.rand(B, C, H, H, device=device)
-    i = torch.full((B,), args.levels, device=device)
-    opt, warm = make_optimizer(model, args.lr, args.warmup)
-    ema = make_ema(model, args.ema_decay)
-    net = torch.compile(model) if args.compile else model
-    bf16 = use_bf16(device, args.precision)
-
-    def train_step():
-        with autocast(device, bf16):
-            loss = dsm_loss(net, x, sigmas)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        warm.step()
-        ema.update_parameters(model)
-
-    def sample_call():
-        with torch.no_grad(), autocast(device, bf16):
-            net(x, i)
-
-    macs = macs_per_image(model, x[:1], i[:1])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_train, t_sample = seconds_per_call(train_step, device), seconds_per_call(sample_call, device)
-    print(json.dumps(dict(
-        params=sum(q.numel() for q in model.parameters()), macs_per_image=macs, batch_size=B,
-        train_img_per_s=round(B / t_train, 2), sample_evals_per_s=round(1 / t_sample, 3),
-        sample_img_evals_per_s=round(B / t_sample, 2), peak_mem_mib=peak_memory_mib(device),
-        device=str(device), dtype="bf16 autocast" if bf16 else "fp32", torch=torch.__version__,
-        threads=torch.get_num_threads())))
-    return 0
 
 
 if __name__ == "__main__":

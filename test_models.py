@@ -952,13 +952,12 @@ def test_torchrun_a_failed_write_on_rank_0_stops_every_rank(name, tmp_path, tiny
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_bench_prints_one_json_line(name, tiny_pt, capsys):
-    SCRIPTS[name][0].main(["--bench", "--data", tiny_pt, "--batch-size", "2", *SCRIPTS[name][1]])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    r = json.loads(line)
-    for key in ("params", "macs_per_image", "train_img_per_s", "sample_evals_per_s", "peak_mem_mib", "device", "dtype", "torch"):
-        assert key in r, key
-    assert r["macs_per_image"] > 0 and r["train_img_per_s"] > 0 and r["device"] == "cpu"
+def test_bench_lives_in_measure_not_in_the_scripts(name, capsys):
+    # measure/bench.py times the scripts; the scripts themselves no longer take --bench
+    with pytest.raises(SystemExit):
+        SCRIPTS[name][0].main(["--help"])
+    assert "--bench" not in capsys.readouterr().out
+    assert "unrecognized arguments: --bench" in usage_error(SCRIPTS[name][0].main, ["--bench"], capsys)
 
 
 def test_cuda_device_turns_on_tf32_for_fp32_matmuls(monkeypatch):
@@ -1016,16 +1015,19 @@ def test_recipe_length_is_minutes_on_cpu_unless_steps_are_given(module):
     assert args.minutes == 2 and args.steps is None and args.lr == module.GPU_RECIPE["lr"]
 
 
-def test_progress_line_counts_macs_as_three_forward_passes_per_image(tiny_pt, tmp_path, capsys):
-    # MACs so far = 3 x the forward's MACs per image x images seen (forward + backward ~ 3 forwards)
-    out = tmp_path / "run"
-    ddpm.main(["--train", "--steps", "2", *ddpm_cli(out, tiny_pt)])
-    lines = capsys.readouterr().out.splitlines()
-    model = common.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), dropout=0.0, image_size=28)
-    macs = ddpm.macs_per_image(model, torch.zeros(1, 1, 28, 28), torch.ones(1, dtype=torch.long))
-    assert f"{macs / 1e6:.1f}M MACs per image" in lines[0]
-    step2 = next(line for line in lines if line.startswith("step 2/2"))
-    assert f"MACs {3 * macs * 4 * 2:.3g}" in step2  # batch 4, 2 steps
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_progress_line_gives_step_loss_lr_rate_and_budget(name, tiny_pt, tmp_path, capsys):
+    # each progress line: the step (of --steps), the loss, the learning rate, it/s and the time against the budget
+    argv = train_argv(name, str(tmp_path / "run"), tiny_pt, 4, "--lr", "1e-3", "--warmup", "4", "--log-every", "2")
+    SCRIPTS[name][0].main(argv)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2
+    for step, line in zip((2, 4), lines):
+        m = re.fullmatch(r"step (\d+)/4 loss (\S+) lr (\S+) (\S+) it/s (\d+m\d\ds) ETA (\d+m\d\ds)", line)
+        assert m, line
+        assert int(m[1]) == step and math.isfinite(float(m[2])) and float(m[4]) > 0
+        # the warm-up's rate after the step: lr min(1, (k + 1)/warmup) with k = step
+        assert float(m[3]) == pytest.approx(1e-3 * min(1.0, (step + 1) / 4), rel=1e-3)
 
 
 def test_cli_samplers_and_ode_eval(tmp_path, tiny_pt, capsys):
@@ -1092,40 +1094,12 @@ def test_ncsn_cli_default_sampler_is_the_measured_one(tmp_path, tiny_pt, capsys)
     assert (args.langevin_steps, args.langevin_eps) == (40, 5e-5)  # Algorithm 1's best at the same calls
 
 
-def test_ncsn_cpu_recipe_final_samples_fit_their_mac_budget(monkeypatch):
-    # `python ncsn.py --train` on a CPU ends with 64 samples from the default sampler; they may cost at most
-    # 2.5e12 multiply-accumulates (about a minute at 42 GMAC/s): 64 x network calls x MACs per image
-    args = ncsn.build_parser().parse_args(["--train"])
-    ncsn.fill_recipe(args, torch.device("cpu"))
-    sigmas = ncsn.geometric_sigmas(args.sigma_1, args.sigma_L, args.levels)
-    model = ncsn.ScoreNet(sigmas, **ncsn.unet_config(args, 1, 28)).eval()
-    macs = ncsn.macs_per_image(model, torch.zeros(1, 1, 28, 28), torch.ones(1, dtype=torch.long))
-    L = len(sigmas) - 1
-    assert args.final_samples == 64 and 64 * ncsn.network_calls(args, L) * macs <= 2.5e12
-    # the count is the sampler's: call the CLI's sampling on a 2-level tiny model and count the calls
-    counted = []
-    forward = ncsn.ScoreNet.forward
-    monkeypatch.setattr(ncsn.ScoreNet, "forward", lambda self, x, i: counted.append(1) or forward(self, x, i))
-    small = ncsn.geometric_sigmas(args.sigma_1, args.sigma_L, 2)
-    tiny = ncsn.ScoreNet(small, in_ch=1, ch=8, ch_mult=[1], num_res_blocks=1, attn=[], dropout=0.0, image_size=8)
-    monkeypatch.setattr(ncsn, "save_checkpoint", lambda path, obj: None)
-    monkeypatch.setattr(common, "write_png", lambda path, x, **k: None)
-    for flags in ([], ["--sampler", "annealed", "--langevin-steps", "3"], ["--corrector-steps", "3"], ["--no-denoise"]):
-        a = ncsn.build_parser().parse_args(["--sample", "2", "--out", "unused", *flags])
-        counted.clear()
-        ncsn.write_samples(a, tiny.eval(), small, torch.device("cpu"), 2)
-        assert len(counted) == ncsn.network_calls(a, 2), flags
-
-
 # ---------------------------------------------------------------------------------------------------------- copying the files
 
 
 def test_scripts_import_where_the_unix_only_resource_module_is_missing():
-    # Windows has no `resource`; nothing but --bench's peak-memory figure may need it
-    code = ("import sys; sys.modules['resource'] = None\n"
-            "import torch, common, ddpm, vae, ncsn\n"
-            "assert all(m.peak_memory_mib(torch.device('cpu')) is None for m in (ddpm, vae, ncsn))\n"
-            "print('ok')\n")
+    # Windows has no `resource`: the scripts never need it (measure/bench.py's peak memory does)
+    code = "import sys; sys.modules['resource'] = None\nimport torch, common, ddpm, vae, ncsn\nprint('ok')\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
@@ -1227,3 +1201,129 @@ def test_readme_copy_snippet_runs_with_only_ddpm_and_common(tmp_path, tiny_pt):
              "print('ok')\n")
     run_in(tmp_path, prelude + readme_snippet("## Copying into another project") + check)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["check.py", "common.py", "ddpm.py"]
+
+
+# ---------------------------------------------------------------------------------------------------------- the READMEs' commands
+
+
+def measure_module(name):
+    """A script of measure/ (imported by path: measure/ is no package, and the scripts never import it)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"measure_{name}", os.path.join(HERE, "measure", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def readme_commands(path):
+    """Each command that runs one of the project's Python files, from the fenced blocks (not ```python ones) of a
+    README: (line, script, argv, environment assignments), comments stripped, each part of `a && b` or `a; b` its
+    own command."""
+    commands, fence = [], None
+    for line in open(path, encoding="utf-8"):
+        line = line.rstrip("\n")
+        if line.lstrip().startswith("```"):
+            fence = None if fence is not None else line.strip()[3:]
+            continue
+        if fence is None or fence == "python":
+            continue
+        words = shlex.split(line, comments=True)
+        while words:
+            end = next((k for k, w in enumerate(words) if w in ("&&", ";", "||")), len(words))
+            part, words = words[:end], words[end + 1:]
+            env = {}
+            while part and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", part[0]):
+                key, _, value = part.pop(0).partition("=")
+                env[key] = value
+            if part[:1] == ["export"]:
+                continue
+            if part[:1] in (["python"], ["python3"], ["torchrun"]):
+                k = next((k for k, w in enumerate(part) if w.endswith(".py")), None)
+                if k is not None:
+                    commands.append((line, part[k], part[k + 1:], env))
+    return commands
+
+
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")
+
+
+def shipped(path):
+    """Tracked by git (a clean clone holds it); where there is no git, present."""
+    if os.path.isdir(os.path.join(HERE, ".git")):
+        r = subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=HERE, capture_output=True)
+        return r.returncode == 0
+    return os.path.exists(os.path.join(HERE, path))
+
+
+def reads_and_writes(script, argv):
+    """(files read, files written) by one README command, from the script's own parser: never run."""
+    norm = os.path.normpath
+    if script.startswith("measure/"):
+        mod = measure_module(os.path.basename(script)[:-3])
+        args = mod.build_parser().parse_args(argv)  # a renamed or removed flag: SystemExit, and the test fails
+        if mod.__name__ == "measure_bench":
+            for setting in args.settings:  # each setting is the script's own flags
+                mod.script_args(args.script, setting)
+            reads = [a.data for a in map(lambda s: mod.script_args(args.script, s), args.settings or [""])]
+            return [norm(f) for f in reads if f not in DATASET_NAMES], []
+        return [norm(f) for f in mod.inputs(args)], [norm(f) for f in mod.outputs(args)]
+    mod = SCRIPTS[os.path.basename(script)[:-3]][0]
+    _, args = mod.parse(argv)  # with the script's own checks of flags that contradict each other
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    reads = [] if args.data in DATASET_NAMES or not (args.train or getattr(args, "eval", False)
+                                                      or getattr(args, "reconstruct", False)) else [args.data]
+    if args.resume or args.sample or getattr(args, "eval", False) or getattr(args, "reconstruct", False):
+        reads.append(ckpt)
+    writes = [ckpt] if args.train else []
+    if args.sample or (args.train and getattr(args, "final_samples", 64)):
+        writes.append(os.path.join(args.out, "samples.pt"))
+    return [norm(f) for f in reads], [norm(f) for f in writes]
+
+
+@pytest.mark.parametrize("readme", ["README.md", os.path.join("measure", "README.md")])
+def test_readme_commands_parse_and_read_only_files_that_exist(readme):
+    # every `python X.py ...` and `torchrun ... X.py ...` in both READMEs' code blocks parses with X's own parser,
+    # reads only files that ship, that an earlier line writes, or data sets the script downloads, and never
+    # trains twice into one --out without --resume
+    commands = readme_commands(os.path.join(HERE, readme))
+    assert len(commands) >= 10
+    written, trained = set(), set()
+    for line, script, argv, env in commands:
+        assert script.startswith("measure/") or script in ("ddpm.py", "vae.py", "ncsn.py"), line
+        assert shipped(script), line
+        try:
+            reads, writes = reads_and_writes(script, argv)
+        except SystemExit:
+            pytest.fail(f"{readme}: does not parse: {line}")
+        for f in reads:
+            assert f in written or shipped(f), f"{readme}: {line!r} reads {f}, which no earlier line writes"
+        if script in ("ddpm.py", "vae.py", "ncsn.py") and "--train" in argv:
+            out = os.path.normpath(SCRIPTS[script[:-3]][0].parse(argv)[1].out)
+            assert "--resume" in argv or out not in trained, f"{readme}: {line!r} trains into {out} a second time"
+            trained.add(out)
+        written.update(writes)
+
+
+def test_readme_command_test_sees_a_renamed_flag_and_a_missing_file(tmp_path):
+    # the test above fails for a flag the parser does not know and for a file nothing writes
+    good = tmp_path / "good.md"
+    good.write_text("```\npython ddpm.py --train --out runs/x --steps 3  # a comment\n"
+                    "python ddpm.py --sample 4 --out runs/x && python measure/judge.py runs/x/samples.pt --n 4\n```\n")
+    found = readme_commands(good)
+    assert [(s, a) for _, s, a, _ in found] == [("ddpm.py", ["--train", "--out", "runs/x", "--steps", "3"]),
+                                                ("ddpm.py", ["--sample", "4", "--out", "runs/x"]),
+                                                ("measure/judge.py", ["runs/x/samples.pt", "--n", "4"])]
+    assert reads_and_writes("measure/judge.py", ["runs/x/samples.pt"])[0][0] == os.path.normpath("runs/x/samples.pt")
+    with pytest.raises(SystemExit):
+        reads_and_writes("ddpm.py", ["--sample", "4", "--langevin-eps", "1"])
+    assert reads_and_writes("ddpm.py", ["--sample", "4", "--out", "runs/y"])[0] == [os.path.normpath("runs/y/ckpt.pt")]
+    assert not shipped("runs/y/ckpt.pt") and shipped("ddpm.py")
+
+
+def test_every_picture_in_assets_is_shown_by_a_readme():
+    shown = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    shown += open(os.path.join(HERE, "measure", "README.md"), encoding="utf-8").read()
+    pictures = [f for f in os.listdir(os.path.join(HERE, "assets")) if f.endswith(".png")]
+    assert pictures and all(f"assets/{f}" in shown for f in pictures), pictures
+    for f in re.findall(r"assets/[\w.-]+\.png", shown):
+        assert os.path.isfile(os.path.join(HERE, f)), f

@@ -11,7 +11,6 @@ in [0, 1]. Everything above the command-line banner needs only torch.
 """
 import argparse
 import contextlib
-import json
 import shlex
 import math
 import os
@@ -237,7 +236,7 @@ def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=
 
 
 # ==================================================================================================
-# Command line: recipe and flags, the training loop, sampling, --eval, --bench
+# Command line: recipe and flags, the training loop, sampling, --eval
 #
 # Nothing above this banner needs it. It takes the data and the PNG writer from common.py, imported
 # in the functions that use them, so that `import vae` itself needs only torch. One process: the MLP
@@ -288,8 +287,6 @@ def build_parser():
                    help="grid of test images (odd rows) above their reconstructions")
     g.add_argument("--eval", action="store_true",
                    help="test-set negative ELBO and IWAE-k NLL, nats/image and bits/dim")
-    g.add_argument("--bench", action="store_true",
-                   help="time training steps and decoder calls; print one JSON line")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default="mnist",
                    help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
@@ -346,8 +343,8 @@ def build_parser():
 def parse(argv):
     p = build_parser()
     args = p.parse_args(argv)
-    if not (args.train or args.sample or args.reconstruct or args.eval or args.bench):
-        p.error("nothing to do: give --train, --sample N, --reconstruct, --eval or --bench")
+    if not (args.train or args.sample or args.reconstruct or args.eval):
+        p.error("nothing to do: give --train, --sample N, --reconstruct or --eval")
     if args.likelihood == "bernoulli" and not args.binarize:
         p.error("--likelihood bernoulli needs binary targets: add --binarize (dynamic "
                 "binarisation)")
@@ -376,8 +373,6 @@ def main(argv=None):
             device = pick_device(args.device)
         except RuntimeError as e:
             p.error(f"--device {args.device}: {e}")
-        if args.bench:
-            return bench(args, device)
         if args.train:
             train(args, device)
         if args.sample or args.reconstruct or args.eval:
@@ -489,15 +484,6 @@ def make_optimizer(model, lr, warmup):
     return opt, warm
 
 
-def macs_per_image(model, *example):
-    """Multiply-accumulates of one forward pass on one image, counted by
-    torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*example)
-    return counter.get_total_flops() // 2
-
-
 def clock(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -529,10 +515,9 @@ def train(args, device):
                    sigma_x=args.sigma_x, seed=args.seed, data=args.data, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    macs = macs_per_image(model, torch.zeros(1, C, H, W, device=device))
     check_writable(args.out)
     print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder, "
-          f"{macs / 1e6:.2f}M MACs per image; {N} images {C}x{H}x{W}; device {device}", flush=True)
+          f"{N} images {C}x{H}x{W}; device {device}", flush=True)
     data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
     opt, warm = make_optimizer(model, args.lr, args.warmup)
     step, seconds_before = 0, 0.0
@@ -617,8 +602,7 @@ def train(args, device):
                 else:
                     budget = f"{clock(seconds())} ETA {clock((args.steps - step) / rate)}"
                 print(f"step {step}{total} loss {loss.item():.4g} "
-                      f"MACs {3 * macs * args.batch_size * step:.3g} {rate:.2f} it/s {budget}",
-                      flush=True)  # counted MACs: forward + backward ~ 3 forwards per image
+                      f"lr {warm.get_last_lr()[0]:.4g} {rate:.2f} it/s {budget}", flush=True)
             if step % args.ckpt_every == 0 or done:
                 save(step)
     finally:
@@ -724,7 +708,7 @@ def model_from_checkpoint(ck, device):
     return model.to(device).eval()
 
 
-# ---- sampling, reconstructions, --eval, --bench
+# ---- sampling, reconstructions, --eval
 
 
 def write_samples(args, model, device, n, generator=None):
@@ -777,75 +761,6 @@ def evaluate(args, saved, model, x, g, step):
     how = ", dynamically binarised" if saved["likelihood"] == "bernoulli" else ", dequantised 8-bit"
     print(f"({len(x)} test images of {args.data}, {saved['likelihood']} decoder{how}, step {step}, "
           f"{time.time() - start:.1f}s)")
-
-
-def seconds_per_call(fn, device, warmup=3, iters=10):
-    """fn's mean wall time over `iters` calls after `warmup` untimed ones (compilation included)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters
-
-
-def peak_memory_mib(device):
-    """Peak memory of this process in MiB: the CUDA allocator's, or the resident set's (Unix
-    only)."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return None
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
-
-
-def bench(args, device):
-    """--bench: train()'s training step and one decoder call (what generation costs), timed on
-    random data; one JSON line: parameters, counted MACs per image, training images/s, decoder
-    calls/s."""
-    import common
-    C, H = common.data_shape(args.data, args.data_dir)
-    fill_recipe(args, device)
-    torch.manual_seed(args.seed)
-    model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
-    B = args.batch_size
-    x = prepare(torch.rand(B, C, H, H, device=device), args.likelihood, None)
-    v = torch.randn(B, args.latent_dim, device=device)
-    opt, warm = make_optimizer(model, args.lr, args.warmup)
-    net = torch.compile(model) if args.compile else model
-    bf16 = use_bf16(device, args.precision)
-
-    def train_step():
-        with autocast(device, bf16):
-            loss = -elbo(net, x, args.likelihood, args.sigma_x).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        warm.step()
-
-    def sample_call():
-        with torch.no_grad(), autocast(device, bf16):
-            model.decode(v)
-
-    macs = macs_per_image(model, x[:1])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_train, t_sample = seconds_per_call(train_step, device), seconds_per_call(sample_call, device)
-    print(json.dumps(dict(
-        params=sum(q.numel() for q in model.parameters()), macs_per_image=macs, batch_size=B,
-        train_img_per_s=round(B / t_train, 2), sample_evals_per_s=round(1 / t_sample, 3),
-        sample_img_evals_per_s=round(B / t_sample, 2), peak_mem_mib=peak_memory_mib(device),
-        device=str(device), dtype="bf16 autocast" if bf16 else "fp32", torch=torch.__version__,
-        threads=torch.get_num_threads())))
-    return 0
 
 
 if __name__ == "__main__":
