@@ -282,8 +282,8 @@ def sample(eps_model, sch, shape, var="beta_tilde", clip_x0=False, generator=Non
            device=None, x_T=None):
     """Ancestral sampling (训练与推理, 推导): x_T ~ p(x_T) = N(0, I), then x_{t-1} ~ p_θ(x_{t-1}|x_t),
     t = T..1: a discretisation of the reverse-time SDE (the SDE view below). [SDE] eq. 4 is this
-    step with σ_t^2 = β_t (var="beta"); the default σ_t^2 = β̃_t is the DDPM paper's other choice, the
-    true posterior's variance, which the same SDE admits in the limit of small steps.
+    step with σ_t^2 = β_t (var="beta"); the default σ_t^2 = β̃_t is the DDPM paper's other
+    choice, the true posterior's variance; the two agree as the steps shrink.
 
     T network calls. callback(k, t, x), if given, is called after each step k = 0..T-1 with
     x = x_{t-1}.
@@ -366,10 +366,11 @@ def time_grid(sch, steps, spacing="uniform"):
     decreasing, then t = 0, where ᾱ_0 = 1 and the last step lands on x̂_0.
 
     spacing: "uniform", even in t (DDIM); "quadratic", t_k = T (k/steps)^2, dense near t = 0 (after
-    DDIM's CIFAR-10 grid, whose code spaces sqrt(t) evenly up to 0.8 T, not up to T); "log-sigma", even in log σ̄_t = -λ_t from t = T to t = 1 (DPM-Solver's
-    time-uniform-in-λ grid), with σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t). Each is rounded to integer t (the
-    network was trained there); where rounding makes two times equal near t = 0, they are moved
-    apart by one step to stay distinct and >= 1.
+    DDIM's CIFAR-10 grid, whose code spaces sqrt(t) evenly up to 0.8 T, not up to T);
+    "log-sigma", even in log σ̄_t = -λ_t from t = T to t = 1 (DPM-Solver's time-uniform-in-λ grid),
+    with σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t). Each is rounded to integer t (the network was trained there);
+    where rounding makes two times equal near t = 0, they are moved apart by one step to stay
+    distinct and >= 1.
     """
     T = sch.T
     if not 1 <= steps <= T:
@@ -425,8 +426,8 @@ def ddim_sample(eps_model, sch, shape, steps=50, eta=0.0, clip_x0=False, generat
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
             # 扩散过程 solved for ε: ε = (x_t - sqrt(ᾱ_t) x̂_0) / sqrt(1-ᾱ_t), the noise that the
-            # clipped x̂_0 implies. Re-deriving ε is GLIDE's choice and diffusers' DDIMScheduler with
-            # use_clipped_model_output=True; diffusers' default keeps the network's ε
+            # clipped x̂_0 implies. Re-deriving ε is GLIDE's choice, and diffusers' DDIMScheduler
+            # with use_clipped_model_output=True; diffusers' default keeps the network's ε
             eps_theta = (x - math.sqrt(ab_t) * x0_hat) / math.sqrt(1 - ab_t)
         # DDIM eq. 16: σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev)
         #   (η = 1, prev = t-1: σ = sqrt(β̃_t))

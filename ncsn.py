@@ -125,9 +125,9 @@ def annealed_langevin(score_fn, x, sigmas, step_size=2e-5, T=100, denoise=False,
     and the notes draw it from the uniform distribution on [0, 1]); score_fn(x, i) is a network or
     an exact score; step_size is Algorithm 1's ε. The default 2e-5 is the NCSN paper's ε in this
     form; NCSN's released code applies its step_lr = 2e-5 as x + ε s + sqrt(2ε) z with
-    ε = step_lr σ_i^2/σ_L^2, which is ε = 4e-5 here (α_i = 2 step_lr σ_i^2/σ_L^2). denoise=True ends with x + σ_L^2 s(x, L)
-    (Tweedie's formula; the improved NCSN paper's final step). trace: an optional list that receives
-    x after each level. L·T network calls (+1 with denoise).
+    ε = step_lr σ_i^2/σ_L^2, which is ε = 4e-5 here (α_i = 2 step_lr σ_i^2/σ_L^2). denoise=True
+    ends with x + σ_L^2 s(x, L) (Tweedie's formula; the improved NCSN paper's final step). trace:
+    an optional list that receives x after each level. L·T network calls (+1 with denoise).
     """
     L = len(sigmas) - 1
     sig = sigmas.tolist()
@@ -389,9 +389,9 @@ def build_parser():
     # M = 19/39/79 corrector steps, each at several step sizes, with and without the final
     # denoising step, from either start, the lowest Fréchet distance was predictor-corrector with
     # M = 39, r = 0.35, denoised, from the uniform start: 400 network calls. Algorithm 1's own
-    # defaults are its best setting at the same calls (T = 40, ε = 5e-5); the notes' T = 100, ε = 2e-5
-    # (the NCSN paper's; its released code's step is ε = 4e-5 in this form) stay the defaults of
-    # annealed_langevin().
+    # defaults are its best setting at the same calls (T = 40, ε = 5e-5); the notes' T = 100,
+    # ε = 2e-5 (the NCSN paper's; its released code's step is ε = 4e-5 in this form) stay the
+    # defaults of annealed_langevin().
     g.add_argument("--sampler", choices=["annealed", "pc"], default="pc",
                    help="annealed: Algorithm 1 (L·T network calls); pc: predictor-corrector "
                         "(L-1 + L·M calls) (default pc)")

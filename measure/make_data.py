@@ -40,6 +40,12 @@ def build_parser():
     return p
 
 
+def inputs(args):
+    """The files this command reads that a README line must have made: none (the wheel comes from
+    `pip download`, not from one of the project's commands)."""
+    return []
+
+
 def outputs(args):
     """The files this command writes (the README command test reads this)."""
     return [os.path.join(args.out, f"{name}.pt") for name in SPLITS]
