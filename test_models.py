@@ -1286,7 +1286,7 @@ def test_readme_commands_parse_and_read_only_files_that_exist(readme):
     # reads only files that ship, that an earlier line writes, or data sets the script downloads, and never
     # trains twice into one --out without --resume
     commands = readme_commands(os.path.join(HERE, readme))
-    assert len(commands) >= 10
+    assert len(commands) >= (10 if readme == "README.md" else 3)
     written, trained = set(), set()
     for line, script, argv, env in commands:
         assert script.startswith("measure/") or script in ("ddpm.py", "vae.py", "ncsn.py"), line

@@ -50,7 +50,8 @@ def inputs(args):
 
 
 def outputs(args):
-    return [os.path.join(args.out, "ckpt.pt")] if args.train else []
+    return ([os.path.join(args.out, "ckpt.pt")] if args.train else []) + \
+        ([os.path.join(args.out, "samples.pt")] if args.sample else [])
 
 
 def make_model():

@@ -186,6 +186,17 @@ def test_seconds_per_call_is_the_median_call_time():
     assert 0.01 <= took < 0.03
 
 
+def test_seconds_per_call_times_on_all_of_torchs_threads():
+    # torch.utils.benchmark.Timer runs on one thread unless told: a 2-core figure must use both
+    before, seen = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+    try:
+        bench.seconds_per_call(lambda: seen.append(torch.get_num_threads()), min_time=0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
+
+
 def test_bench_times_each_setting_and_alternates_two(tmp_path, monkeypatch, capsys):
     data = tmp_path / "tiny.pt"
     torch.save(torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8), data)
