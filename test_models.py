@@ -1261,10 +1261,8 @@ def reads_and_writes(script, argv):
     if script.startswith("measure/"):
         mod = measure_module(os.path.basename(script)[:-3])
         args = mod.build_parser().parse_args(argv)  # a renamed or removed flag: SystemExit, and the test fails
-        if mod.__name__ == "measure_bench":
-            for setting in args.settings:  # each setting is the script's own flags
-                mod.script_args(args.script, setting)
-            reads = [a.data for a in map(lambda s: mod.script_args(args.script, s), args.settings or [""])]
+        if mod.__name__ == "measure_bench":  # each setting is the script's own flags, parsed by its parser
+            reads = [mod.script_args(args.script, setting).data for setting in args.settings or [""]]
             return [norm(f) for f in reads if f not in DATASET_NAMES], []
         return [norm(f) for f in mod.inputs(args)], [norm(f) for f in mod.outputs(args)]
     mod = SCRIPTS[os.path.basename(script)[:-3]][0]
