@@ -12,6 +12,7 @@ algorithm and its command line read in one file. The math of ddpm.py and vae.py 
 here.
 """
 import ast
+import errno
 import gzip
 import hashlib
 import math
@@ -228,6 +229,7 @@ def download(name, split, data_dir, timeout=10):
     """Path of the data set's file for this split, downloaded (checked, atomically written) on first
     use. Each mirror in turn; one that does not answer within `timeout` seconds fails. A full disk
     or another write error stops at once (another mirror would not help)."""
+    import http.client
     import urllib.request  # here, not at the top: it loads ssl, which nothing else needs
     info = DATASETS[name]
     fname, md5 = info[split]
@@ -248,15 +250,21 @@ def download(name, split, data_dir, timeout=10):
                 raise DataError(f"cannot write the data folder {folder}: {e.strerror or e}")
             with f, urllib.request.urlopen(url, timeout=timeout) as r:
                 _copy(r, f, int(r.headers.get("Content-Length") or 0), path)
+                try:
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    raise DataError(f"could not write {path}: {e.strerror or e}") from None
             got = _md5(tmp)
             if got != md5:
                 failures.append(f"{url}: checksum {got} is not the expected {md5} "
                                 "(corrupt or changed file)")
                 continue
             os.replace(tmp, path)  # readers never see a half-written file
+            fsync_folder(path)
             return path
-        except (OSError, ValueError) as e:  # the network's: URLError, HTTP errors and timeouts
-            failures.append(f"{url}: {e}")
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            # the network's: URLError, HTTP errors, timeouts, a reply cut off or not HTTP at all
+            failures.append(f"{url}: {type(e).__name__}: {e}")
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -332,6 +340,8 @@ def _read_npy(path):
         raw = f.read()
     if raw[:6] != b"\x93NUMPY":
         raise DataError(f"{path}: not a .npy file (bad magic)")
+    if len(raw) < 12:
+        raise DataError(f"{path}: truncated .npy file ({len(raw)} bytes, shorter than its header)")
     if raw[6] == 1:
         n, start = struct.unpack("<H", raw[8:10])[0], 10
     else:
@@ -351,10 +361,15 @@ def _read_npy(path):
     itemsize = 1 if dtypes[descr] == torch.uint8 else 4
     if len(body) != count * itemsize:
         raise DataError(f"{path}: truncated .npy file ({len(body)} data bytes for shape {shape})")
+    if count == 0:  # torch.frombuffer refuses an empty buffer; check_images names the problem
+        return torch.zeros(shape, dtype=dtypes[descr])
     return torch.frombuffer(bytearray(body), dtype=dtypes[descr]).reshape(shape)
 
 
 def _read_tensor(path):
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder; --data takes one .pt or .npy file (README: your own "
+                        "data)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file (give mnist, fashion-mnist, cifar10 or a .pt/.npy "
                         "file)")
@@ -435,6 +450,56 @@ def temporary_name(path):
     return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
 
 
+def fsync_folder(path):
+    """fsync the folder that holds `path`, so that a rename into it survives a power cut (POSIX; a
+    folder that can't be opened, as on Windows, is skipped)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):  # file systems that can't fsync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+class FolderInUse(OSError):
+    """Another process trains into this --out; the message names it (exit 2)."""
+
+
+def lock_folder(folder):
+    """Hold an OS lock on folder/.lock for as long as the returned file stays open (fcntl.flock on
+    POSIX, msvcrt.locking on Windows), with this process's pid and host in it for the message of the
+    next one. The OS releases it when the process dies, however it dies."""
+    import socket
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            f.seek(0)
+            holder = f.read().strip()
+        except OSError:
+            holder = ""
+        f.close()
+        raise FolderInUse(f"{folder} is in use: {holder or 'another process'} is training into it "
+                          "(one run per folder; give another --out, or wait for it to end)")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
 def open_new(path):
     """Open for writing with the permissions of any new file, 0666 & ~umask (the kernel applies the
     umask of the moment); tempfile.mkstemp would give 0600."""
@@ -472,7 +537,10 @@ def write_png(path, images, nrow=None, pad=2):
     try:
         with open_new(tmp) as f:
             f.write(png)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path)
     except OSError as e:  # a full disk, an I/O error: one message naming the file, no temporary
         raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from None
     finally:

@@ -10,6 +10,7 @@ import shlex
 import socket
 import time
 import signal
+import stat
 import subprocess
 import sys
 import functools
@@ -215,6 +216,14 @@ def test_npy_reader(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(common.DataError, match="truncated"):
         common.load_images(str(path))
+    for cut in range(6, 12):  # cut inside the first bytes of its header
+        path.write_bytes((b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)))[:cut])
+        with pytest.raises(common.DataError, match="truncated"):
+            common.load_images(str(path))
+    empty = "{'descr': '|u1', 'fortran_order': False, 'shape': (0, 28, 28), }"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(empty)) + empty.encode())
+    with pytest.raises(common.DataError, match="empty"):  # zero images
+        common.load_images(str(path))
 
 
 def test_cifar10_binary_reader(tmp_path):
@@ -302,6 +311,32 @@ def test_download_failure_is_one_clear_message(fake_mnist, tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "run").exists()
     assert "usage:" not in err and "\nddpm.py: error: could not download" in err  # no flag was wrong
     assert list((data_dir / "mnist").iterdir()) == []  # nothing half-written left behind
+
+
+class FailsAt:
+    """A file whose flush() or close() reports a full disk (ENOSPC), as a file system may for buffered data."""
+
+    def __init__(self, f, at):
+        self.f, self.at = f, at
+
+    def flush(self):
+        if self.at == "flush":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+        if self.at == "close":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class FullDisk:
@@ -619,7 +654,7 @@ def test_kill_inside_the_checkpoint_write_leaves_a_checkpoint_that_resumes(name,
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-@pytest.mark.parametrize("layer", ["torch's zip writer", "fsync"])
+@pytest.mark.parametrize("layer", ["torch's zip writer", "fsync", "flush", "close"])
 def test_a_full_disk_during_a_checkpoint_write_is_one_message(name, layer, tmp_path, tiny_pt, monkeypatch, capsys):
     # the first checkpoint (step 3) fits, the second (step 6) meets a full disk: ENOSPC inside torch.save,
     # which torch reports as a RuntimeError, or EIO at fsync
@@ -638,6 +673,8 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_message(name, layer, tmp_p
     monkeypatch.setattr(module, "save_checkpoint", save)
     if layer == "fsync":
         monkeypatch.setattr(os, "fsync", fsync)
+    elif layer in ("flush", "close"):  # a file system that reports the full disk only for buffered data
+        monkeypatch.setattr(common, "open_new", lambda p: FailsAt(real_open(p), layer) if armed[0] else real_open(p))
     else:
         monkeypatch.setattr(common, "open_new", lambda p: FullDisk(real_open(p), 1000) if armed[0] else real_open(p))
     out = tmp_path / "run"
@@ -668,10 +705,11 @@ def test_a_failing_sample_write_is_one_message_and_keeps_the_old_file(name, tmp_
 # (or from inside the sampler), as a terminal or a scheduler would while it runs.
 SIGNALS = """
 import contextlib, io, json, os, signal, sys
-module = __import__(sys.argv[1])
+script = __import__(sys.argv[1])
 scenarios = json.loads(sys.argv[2])
 results = {}
 for name, (target, at_call, signals, ignored, argv) in scenarios.items():
+    module, _, target = (__import__(target.split(".")[0]), 0, target.split(".")[1]) if "." in target else (script, 0, target)
     real, calls = getattr(module, target), []
     def wrapped(*a, _real=real, _signals=signals, _at=at_call, **kw):
         calls.append(1)
@@ -689,7 +727,7 @@ for name, (target, at_call, signals, ignored, argv) in scenarios.items():
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            code = module.main(argv)
+            code = script.main(argv)
         except SystemExit as e:
             code = e.code
     setattr(module, target, real)
@@ -714,7 +752,19 @@ def test_signals_stop_training_at_a_step_with_a_checkpoint_and_a_command_that_re
         "SIGHUP ignored": (loss_name, 2, ["SIGHUP"], ["SIGHUP"], train("hup_ignored")),
         "SIGTERM while sampling": (SAMPLERS[name], 1, ["SIGTERM"], [], sample),
         "SIGINT while sampling": (SAMPLERS[name], 1, ["SIGINT"], [], sample),
+        # the final samples of --train: the run is trained and saved; no sample file half-written
+        "SIGTERM in the final samples": (SAMPLERS[name], 1, ["SIGTERM"], [],
+                                         train_argv(name, tmp_path / "final", tiny_pt, 3, "--final-samples", "2")
+                                         if name != "vae" else train_argv(name, tmp_path / "final", tiny_pt, 3)),
+        # a second signal while the step-2 checkpoint is being written (its temporary file just opened)
+        "SIGTERM twice, the second in the write": ("common.open_new", 2, ["SIGTERM", "SIGTERM"], [],
+                                                   train_argv(name, tmp_path / "write", tiny_pt, 12,
+                                                              "--ckpt-every", "1")),
     }
+    if name != "ncsn":  # --eval: the bound of ddpm.py, the ELBO and IWAE bound of vae.py
+        scenarios["SIGTERM while evaluating"] = ({"ddpm": "nll_bits_per_dim", "vae": "elbo"}[name], 1, ["SIGTERM"],
+                                                 [], ["--eval", "--eval-n", "2", "--data", tiny_pt, "--out",
+                                                      str(tmp_path / "int")] + (["--eval-t", "2"] if name == "ddpm" else []))
     r = subprocess.run([sys.executable, "-c", SIGNALS, name, json.dumps(scenarios)], cwd=HERE, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -743,6 +793,18 @@ def test_signals_stop_training_at_a_step_with_a_checkpoint_and_a_command_that_re
         assert res[k]["code"] == code and res[k]["err"].strip().count("\n") == 0, res[k]
         assert "interrupted by" in res[k]["err"] and "Traceback" not in res[k]["err"]
     assert not (tmp_path / "int" / "samples.png").exists() and not (tmp_path / "int" / "samples.pt").exists()
+    got = res["SIGTERM in the final samples"]
+    assert got["code"] == 143 and "interrupted by SIGTERM" in got["err"] and "Traceback" not in got["err"]
+    assert module.load_checkpoint(str(tmp_path / "final" / "ckpt.pt"))["step"] == 3
+    assert not (tmp_path / "final" / "samples.png").exists() and not (tmp_path / "final" / "samples.pt").exists()
+    got = res["SIGTERM twice, the second in the write"]
+    assert got["code"] == 143 and "Traceback" not in got["err"], got
+    assert module.load_checkpoint(str(tmp_path / "write" / "ckpt.pt"))["step"] in (1, 2)  # old or new, whole
+    assert not [p for p in (tmp_path / "write").iterdir() if p.name.endswith(".tmp")]
+    if name != "ncsn":
+        got = res["SIGTERM while evaluating"]
+        assert got["code"] == 143 and got["err"].strip().count("\n") == 0 and "interrupted by" in got["err"], got
+        assert not (tmp_path / "int" / "eval.pt").exists()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -764,14 +826,32 @@ def test_nan_stops_training_and_never_reaches_a_checkpoint(name, tmp_path, tiny_
     assert all(torch.isfinite(v).all() for v in flatten(ck["model"]).values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_nan_guard_holds_at_a_checkpoint_step_that_logs_nothing(name, tmp_path, tiny_pt, monkeypatch):
+    # NaN from step 5; step 6 writes a checkpoint but logs nothing (--log-every 100): only save()'s own check of
+    # the device-side flag keeps the NaN weights out of ckpt.pt
+    module, _, loss_name = SCRIPTS[name]
+    real, calls = getattr(module, loss_name), []
+
+    def nan_from_step_5(*a, **kw):
+        calls.append(1)
+        out = real(*a, **kw)
+        return out * float("nan") if len(calls) >= 5 else out
+
+    monkeypatch.setattr(module, loss_name, nan_from_step_5)
+    with pytest.raises(SystemExit) as e:
+        module.main(train_argv(name, tmp_path / "run", tiny_pt, 8, "--log-every", "100"))
+    assert "non-finite loss or gradient at step 5" in str(e.value.code)
+    assert module.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 3
+
+
 def test_checkpoint_mismatches_and_corruption_are_named(tmp_path, tiny_pt, capsys):
     out = tmp_path / "run"
     ddpm.main(train_argv("ddpm", out, tiny_pt, 1))
     err = usage_error(ddpm.main, train_argv("ddpm", out, tiny_pt, 2, "--resume", "--ch", "16"), capsys)
-    assert "ch: checkpoint 8, now 16" in err
-    rgb = tmp_path / "rgb.pt"
-    torch.save(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), rgb)
-    err = usage_error(ddpm.main, train_argv("ddpm", out, str(rgb), 2, "--resume"), capsys)
+    assert "--ch: checkpoint 8, now 16" in err
+    torch.save(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), tiny_pt)  # the same file, other images in it
+    err = usage_error(ddpm.main, train_argv("ddpm", out, tiny_pt, 2, "--resume"), capsys)
     assert "in_ch: checkpoint 1, now 3" in err and "image_size: checkpoint 28, now 32" in err
     err = usage_error(vae.main, ["--sample", "2", "--out", str(out)], capsys)
     assert "is a ddpm.py checkpoint, not a vae.py one" in err
@@ -1325,3 +1405,234 @@ def test_every_picture_in_assets_is_shown_by_a_readme():
     assert pictures and all(f"assets/{f}" in shown for f in pictures), pictures
     for f in re.findall(r"assets/[\w.-]+\.png", shown):
         assert os.path.isfile(os.path.join(HERE, f)), f
+
+
+# ---------------------------------------------------------------------------------------------------------- a user's slips
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_second_train_into_a_trained_folder_is_refused_and_loses_nothing(name, tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    SCRIPTS[name][0].main(train_argv(name, out, tiny_pt, 3))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    err = usage_error(SCRIPTS[name][0].main, train_argv(name, out, tiny_pt, 5), capsys)
+    ckpt = str(out / "ckpt.pt")
+    assert f"{ckpt} holds a run trained to step 3" in err and "Traceback" not in err
+    assert "--resume" in err and "another --out" in err and f"delete {ckpt}" in err
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing written, nothing lost
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_continues_the_same_run_and_refuses_a_changed_flag(name, tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    main = SCRIPTS[name][0].main
+    main(train_argv(name, out, tiny_pt, 2, "--lr", "3e-3", "--warmup", "0"))
+    before = (out / "ckpt.pt").read_bytes()
+    err = usage_error(main, train_argv(name, out, tiny_pt, 4, "--resume", "--lr", "1e-5", "--warmup", "0"), capsys)
+    assert "--lr: checkpoint 0.003, now 1e-05" in err and "Traceback" not in err
+    other = tmp_path / "other.pt"
+    other.write_bytes(open(tiny_pt, "rb").read())
+    argv = train_argv(name, out, str(other), 4, "--resume", "--lr", "3e-3", "--warmup", "0", "--batch-size", "8",
+                      "--seed", "6", "--grad-clip", "0.5")
+    err = usage_error(main, argv, capsys)
+    for flag in ("--batch-size: checkpoint 4, now 8", "--seed: checkpoint 5, now 6", "--grad-clip", "--data"):
+        assert flag in err, flag
+    assert (out / "ckpt.pt").read_bytes() == before
+    # the flags left out come from the checkpoint: the run goes on at its own learning rate and batch
+    main(["--train", "--resume", "--out", str(out), "--steps", "4", "--log-every", "1",
+          *([] if name == "vae" else ["--final-samples", "0"])])
+    printed = capsys.readouterr().out
+    assert "step 4/4" in printed and "lr 0.003 " in printed
+    ck = SCRIPTS[name][0].load_checkpoint(str(out / "ckpt.pt"))
+    assert ck["step"] == 4 and ck["args"]["lr"] == 3e-3 and ck["args"]["batch_size"] == 4
+    assert ck["args"]["data_id"] == os.path.realpath(tiny_pt)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_without_a_checkpoint_starts_a_new_run_and_steps_0_trains_nothing(name, tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    SCRIPTS[name][0].main(train_argv(name, out, tiny_pt, 0))
+    assert "nothing to train" in capsys.readouterr().out and not out.exists()
+    SCRIPTS[name][0].main(train_argv(name, out, tiny_pt, 1, "--resume"))
+    assert f"no checkpoint at {out / 'ckpt.pt'}; starting a new run" in capsys.readouterr().out
+    assert SCRIPTS[name][0].load_checkpoint(str(out / "ckpt.pt"))["step"] == 1
+
+
+def test_data_naming_a_folder_is_one_message(tmp_path, capsys):
+    err = usage_error(ddpm.main, ["--train", "--data", str(tmp_path), "--out", str(tmp_path / "run")], capsys)
+    assert "is a folder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_one_run_per_folder_and_a_dead_holders_lock_frees_itself(name, tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    held = common.lock_folder(str(out))  # a run training into the folder (flock: per open file, even in-process)
+    try:
+        err = usage_error(SCRIPTS[name][0].main, train_argv(name, out, tiny_pt, 1), capsys)
+        assert f"{out} is in use: pid {os.getpid()} on " in err and "another --out" in err
+        assert not (out / "ckpt.pt").exists()
+    finally:
+        held.close()
+    # a process that held the lock and was killed: the OS released it
+    code = f"import common, time; held = common.lock_folder({str(out)!r}); print('locked', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert "is in use: pid" in usage_error(SCRIPTS[name][0].main, train_argv(name, out, tiny_pt, 1), capsys)
+    finally:
+        proc.kill()
+        proc.wait()
+    SCRIPTS[name][0].main(train_argv(name, out, tiny_pt, 1))
+    assert SCRIPTS[name][0].load_checkpoint(str(out / "ckpt.pt"))["step"] == 1
+
+
+def test_sampling_is_allowed_while_a_run_trains_into_the_folder(tmp_path, tiny_pt):
+    # --sample and --eval read the checkpoint whole (os.replace swaps it in at once): they take no lock
+    out = tmp_path / "run"
+    ddpm.main(train_argv("ddpm", out, tiny_pt, 1))
+    held = common.lock_folder(str(out))
+    try:
+        assert ddpm.main(["--sample", "2", "--out", str(out)]) == 0
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "png", "download"])
+def test_writes_fsync_the_file_then_replace_then_fsync_the_folder(writer, tmp_path, monkeypatch, fake_mnist):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def replace(a, b):
+        calls.append(("replace",))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    if writer == "checkpoint":
+        for module in (ddpm, ncsn, vae):
+            module.save_checkpoint(str(tmp_path / f"{module.__name__}.pt"), {"x": torch.zeros(2)})
+        want = 3 * [("fsync", "file"), ("replace",), ("fsync", "folder")]
+    elif writer == "png":
+        common.write_png(str(tmp_path / "a.png"), torch.zeros(2, 1, 4, 4))
+        want = [("fsync", "file"), ("replace",), ("fsync", "folder")]
+    else:
+        entry, good, _, data_dir = fake_mnist
+        with serve(good) as (url, _):
+            entry["mirrors"] = [url]
+            common.download("mnist", "train", str(data_dir))
+        want = [("fsync", "file"), ("replace",), ("fsync", "folder")]
+    assert calls == want
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("damage", ["zeroed", "flipped"])
+def test_a_checkpoint_damaged_inside_a_tensor_is_refused_as_corrupt(name, damage, tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    module = SCRIPTS[name][0]
+    module.main(train_argv(name, out, tiny_pt, 1))
+    path = out / "ckpt.pt"
+    data = bytearray(path.read_bytes())
+    # the zip stores tensors uncompressed: find the bytes of one weight in the file and damage a block of them
+    weight = next(v for v in module.load_checkpoint(str(path))["model"].values() if v.numel() >= 64)
+    raw = bytes(weight.reshape(-1).view(torch.uint8).clone().untyped_storage())
+    at = data.find(raw)
+    assert at > 0
+    data[at + 16:at + 48] = bytes(32) if damage == "zeroed" else bytes(b ^ 0x10 for b in data[at + 16:at + 48])
+    path.write_bytes(bytes(data))
+    assert isinstance(torch.load(path, weights_only=True), dict)  # torch's reader itself sees nothing wrong
+    err = usage_error(module.main, ["--sample", "2", "--out", str(out)], capsys)
+    assert "is corrupt" in err and "Traceback" not in err
+    # a checkpoint written before the checksum existed loads as it always did
+    ck = torch.load(path, weights_only=True)
+    del ck["checksum"]
+    torch.save(ck, path)
+    assert module.load_checkpoint(str(path))["step"] == 1
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bad_seed_lr_and_device_are_usage_errors_not_tracebacks(name, tmp_path, tiny_pt, capsys, monkeypatch):
+    module = SCRIPTS[name][0]
+    nanoseconds = str(time.time_ns())  # a seed from a nanosecond clock would overflow seed * 1_000_003 + step
+    for flags, message in ((["--seed", nanoseconds], f"is not an integer from -{module.SEED_MAX} to {module.SEED_MAX}"),
+                           (["--lr", "1e39"], "is not a number > 0 that fp32 holds"),
+                           (["--device", "mps"], "'mps' asked for, but it is not available here"),
+                           (["--device", "xpu"], "'xpu' asked for, but it is not available here")):
+        err = usage_error(module.main, train_argv(name, tmp_path / "run", tiny_pt, 1, *flags), capsys)
+        assert message in err and "Traceback" not in err, flags
+    # seeds that worked before keep their data order: the largest allowed one still seeds every step
+    torch.Generator().manual_seed(module.SEED_MAX * 1_000_003 + 10 ** 9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    err = usage_error(module.main, train_argv(name, tmp_path / "run", tiny_pt, 1, "--device", "cuda:3"), capsys)
+    assert "'cuda:3' asked for, but this machine has 2 CUDA device(s)" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_checkpoint_of_another_version_is_one_message_naming_the_key_or_shape(name, tmp_path, tiny_pt, capsys):
+    out = tmp_path / "run"
+    module = SCRIPTS[name][0]
+    module.main(train_argv(name, out, tiny_pt, 1))
+    path = out / "ckpt.pt"
+    ck = torch.load(path, weights_only=True)
+    del ck["checksum"]
+    weights = "model" if name == "vae" else "ema"
+    key = next(iter(ck[weights]))
+    ck[weights][key] = torch.zeros(3, 1, 2)
+    torch.save(ck, path)
+    err = usage_error(module.main, ["--sample", "1", "--out", str(out)], capsys)
+    assert "does not fit this version" in err and key in err and "Traceback" not in err
+    err = usage_error(module.main, train_argv(name, out, tiny_pt, 2, "--resume"), capsys)
+    assert "does not fit this version" in err and key in err
+    del ck["args"]["image_size"]
+    torch.save(ck, path)
+    err = usage_error(module.main, ["--sample", "1", "--out", str(out)], capsys)
+    assert "does not fit this version of the script: it has no 'image_size'" in err
+
+
+def test_a_console_that_is_not_utf8_gets_replacement_characters(tmp_path, tiny_pt):
+    out = tmp_path / "run"
+    ddpm.main(train_argv("ddpm", out, tiny_pt, 1))
+    env = dict(os.environ, PYTHONIOENCODING="cp1252")  # what Windows gives output redirected to a file
+    r = subprocess.run([sys.executable, "ddpm.py", "--sample", "2", "--out", str(out)], cwd=HERE, env=env,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode("cp1252", "replace")[-2000:]
+    assert "?, 0 clipped" in r.stdout.decode("cp1252") or "x?_0 clipped" in r.stdout.decode("cp1252")
+
+
+def test_a_broken_reply_moves_on_to_the_next_mirror(fake_mnist):
+    # a chunked body cut off, and a reply that is not HTTP: http.client's errors, not OSError
+    entry, good, _, data_dir = fake_mnist
+    replies = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nabc", b"hello, not HTTP\r\n\r\n"]
+    servers = []
+    for reply in replies:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(4)
+
+        def answer(s=s, reply=reply):
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = s.accept()
+                    conn.recv(4096)
+                    conn.sendall(reply)
+                    conn.close()
+        threading.Thread(target=answer, daemon=True).start()
+        servers.append(s)
+    try:
+        with serve(good) as (u_good, _):
+            entry["mirrors"] = [f"http://127.0.0.1:{s.getsockname()[1]}/" for s in servers] + [u_good]
+            assert common.load_images("mnist", str(data_dir)).shape == (3, 1, 28, 28)
+            entry["mirrors"] = entry["mirrors"][:2]
+            (data_dir / "mnist" / "train-images-idx3-ubyte.gz").unlink()
+            with pytest.raises(common.DataError, match="could not download mnist") as e:
+                common.load_images("mnist", str(data_dir))
+            assert "IncompleteRead" in str(e.value) or "incomplete" in str(e.value).lower()
+    finally:
+        for s in servers:
+            s.close()

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 import torch
 import torch.nn as nn
@@ -245,6 +246,12 @@ def iwae_bound(model, x, k, likelihood=None, sigma_x=0.1, generator=None, chunk=
 RECIPE = dict(steps=10_000, batch_size=128, lr=1e-3, warmup=0)  # CPU and GPU alike: the MLP is tiny
 MODEL_KEYS = ("kind", "in_ch", "image_size", "latent_dim", "hidden", "arch", "likelihood",
               "sigma_x")
+OLDER = {}  # what checkpoints written before a key existed used (none so far)
+# the flags that define a run, and their names in a checkpoint's args: --resume takes them from the
+# checkpoint and refuses a changed one (steps, minutes, logging, sampling and hardware may change)
+RUN_FLAGS = dict(data="data", seed="seed", batch_size="batch_size", lr="lr", warmup="warmup",
+                 grad_clip="grad_clip", binarize="binarize", likelihood="likelihood",
+                 latent_dim="latent_dim", hidden="hidden", arch="arch", sigma_x="sigma_x")
 
 
 class FlagError(ValueError):
@@ -272,6 +279,10 @@ def _flag(convert, ok, what):
 POSITIVE_INT = _flag(int, lambda v: v >= 1, "an integer >= 1")
 COUNT = _flag(int, lambda v: v >= 0, "an integer >= 0")
 POSITIVE = _flag(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+# each step's generator is seeded by seed * 1_000_003 + step, which must stay inside 64 bits
+SEED_MAX = 2 ** 62 // 1_000_003
+SEED = _flag(int, lambda v: abs(v) <= SEED_MAX, f"an integer from -{SEED_MAX} to {SEED_MAX}")
+LR = _flag(float, lambda v: 0 < v <= torch.finfo(torch.float32).max, "a number > 0 that fp32 holds")
 
 
 def build_parser():
@@ -295,7 +306,7 @@ def build_parser():
                    help="where downloaded data sets are kept (default ./data)")
     g.add_argument("--out", default=os.path.join("runs", "vae"),
                    help="the run's folder: checkpoint and samples (default runs/vae)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=SEED, default=0,
                    help="random seed (default 0); same seed, same samples")
     g.add_argument("--device", default="auto",
                    help="auto (cuda, then mps, then cpu) or a torch device")
@@ -312,7 +323,7 @@ def build_parser():
     g.add_argument("--minutes", type=POSITIVE,
                    help="train until this many minutes of training in all, counted across --resume")
     g.add_argument("--batch-size", type=POSITIVE_INT, help="batch size")
-    g.add_argument("--lr", type=POSITIVE, help="Adam learning rate")
+    g.add_argument("--lr", type=LR, help="Adam learning rate")
     g.add_argument("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
     # the clip is only a guard: the loss is in nats per image
     g.add_argument("--grad-clip", type=POSITIVE, default=1000.0,
@@ -343,6 +354,7 @@ def build_parser():
 def parse(argv):
     p = build_parser()
     args = p.parse_args(argv)
+    args.given = given_flags(argv)
     if not (args.train or args.sample or args.reconstruct or args.eval):
         p.error("nothing to do: give --train, --sample N, --reconstruct or --eval")
     if args.likelihood == "bernoulli" and not args.binarize:
@@ -357,6 +369,9 @@ def parse(argv):
 
 def main(argv=None):
     import common
+    for stream in (sys.stdout, sys.stderr):  # σ, η, x̂ on a console that is not UTF-8: '?' instead
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     p, args = parse(argv)
     args.command = resume_command(argv)
     # SIGTERM (a cluster's preemption or time limit) and SIGHUP stop the program as Ctrl-C does:
@@ -377,7 +392,8 @@ def main(argv=None):
             train(args, device)
         if args.sample or args.reconstruct or args.eval:
             ck = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
-            model = model_from_checkpoint(ck, device)
+            with fitting(os.path.join(args.out, "ckpt.pt")):
+                model = model_from_checkpoint(ck, device)
             g = torch.Generator(device=device).manual_seed(args.seed)
             if args.sample:
                 write_samples(args, model, device, args.sample, g)
@@ -435,7 +451,14 @@ def pick_device(name="auto"):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} asked for, but this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
         torch.set_float32_matmul_precision("high")
+    elif device.type != "cpu":  # mps, xpu, ...: torch.<type>.is_available() where torch has one
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise RuntimeError(f"device {name!r} asked for, but it is not available here")
     return device
 
 
@@ -496,6 +519,11 @@ def clock(seconds):
 
 def train(args, device):
     import common
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    ck = continue_run(args, ckpt_path)
+    if ck is None and args.steps == 0:
+        print("nothing to train: --steps 0 on a new run", flush=True)
+        return
     # ---- data and model: every bad input is found here, before anything is written
     data = common.load_images(args.data, args.data_dir, "train")
     N, C, H, W = data.shape
@@ -512,22 +540,24 @@ def train(args, device):
         raise FlagError(str(e))
     ck_args = dict(kind="vae", in_ch=C, image_size=H, latent_dim=args.latent_dim,
                    hidden=args.hidden, arch=args.arch, likelihood=args.likelihood,
-                   sigma_x=args.sigma_x, seed=args.seed, data=args.data, steps=args.steps,
-                   batch_size=args.batch_size, lr=args.lr)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
+                   sigma_x=args.sigma_x, seed=args.seed, data=args.data,
+                   data_id=data_id(args.data), steps=args.steps, batch_size=args.batch_size,
+                   lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
+                   binarize=args.binarize)
     check_writable(args.out)
+    lock = common.lock_folder(args.out)  # held for the whole run (closed at the end, or by the OS)
     print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder, "
           f"{N} images {C}x{H}x{W}; device {device}", flush=True)
     data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
     opt, warm = make_optimizer(model, args.lr, args.warmup)
     step, seconds_before = 0, 0.0
-    if args.resume:  # everything as it was at the checkpoint: weights, Adam, warm-up, RNG
-        ck = load_checkpoint(ckpt_path)
+    if ck is not None:  # everything as it was at the checkpoint: weights, Adam, warm-up, RNG
         check_same(ck["args"], ck_args, ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        warm.load_state_dict(ck["sched"])
-        set_rng_state(ck["rng"])
+        with fitting(ckpt_path):
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            warm.load_state_dict(ck["sched"])
+            set_rng_state(ck["rng"])
         step, seconds_before = ck["step"], ck.get("train_seconds", 0.0)
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
     net = torch.compile(model) if args.compile else model
@@ -620,6 +650,7 @@ def train(args, device):
           flush=True)
     model.eval()
     write_samples(args, model, device, 64)
+    lock.close()
 
 
 # ---- checkpoints: written whole or not at all, loaded without running code
@@ -654,6 +685,8 @@ def save_checkpoint(path, obj):
     error, at whichever layer, is one OSError naming `path`, the old file intact, no temporary file
     left."""
     import common
+    if isinstance(obj, dict) and "kind" in obj:  # a checkpoint: its tensors' checksum goes along
+        obj = {**obj, "checksum": tensor_checksum(obj)}
     tmp = common.temporary_name(path)
     try:
         with common.open_new(tmp) as f:
@@ -661,6 +694,7 @@ def save_checkpoint(path, obj):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        common.fsync_folder(path)
     except (OSError, RuntimeError) as e:
         cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch's zip writer wraps it
         if not isinstance(cause, OSError):
@@ -669,6 +703,28 @@ def save_checkpoint(path, obj):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def tensor_checksum(obj):
+    """CRC-32 of every tensor in a checkpoint, in a fixed order. torch's zip reader checks no CRCs,
+    so without it a block zeroed or flipped inside a tensor would load without a word."""
+    crc = 0
+
+    def walk(x):
+        nonlocal crc
+        if isinstance(x, torch.Tensor):
+            flat = x.detach().cpu().reshape(-1).view(torch.uint8).clone()  # its own storage
+            crc = zlib.crc32(bytes(flat.untyped_storage()), crc)
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if k != "checksum":
+                    walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return crc
 
 
 def load_checkpoint(path):
@@ -686,6 +742,58 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path} is not a checkpoint written by these scripts")
     if ck["kind"] != "vae":
         raise CheckpointError(f"{path} is a {ck['kind']}.py checkpoint, not a vae.py one")
+    if "checksum" in ck and tensor_checksum(ck) != ck["checksum"]:  # (written before: not checked)
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum written "
+                              "with them")
+    return ck
+
+
+def given_flags(argv):
+    """The flags on the command line, by their dest, as opposed to those left at their defaults."""
+    bare = build_parser()
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
+def data_id(data):
+    """--data as the run knows it: a file's resolved path, or a data set's name."""
+    return os.path.realpath(data) if os.path.exists(data) else data
+
+
+def continue_run(args, ckpt_path, rank=0):
+    """The checkpoint that --train continues, or None for a new run. A trained run is never started
+    again over itself: without --resume its folder is refused. With --resume the flags that define
+    the run (RUN_FLAGS) come from the checkpoint unless given, and a given one that differs is
+    refused: the run would no longer be the one the checkpoint holds."""
+    if not os.path.exists(ckpt_path):
+        if args.resume and rank == 0:
+            print(f"--resume: no checkpoint at {ckpt_path}; starting a new run", flush=True)
+        return None
+    ck = load_checkpoint(ckpt_path)
+    if not args.resume:
+        raise CheckpointError(
+            f"{ckpt_path} holds a run trained to step {ck.get('step', '?')}; --train would start "
+            "it again from scratch and write over it. Continue it with --resume, start another run "
+            f"with another --out, or delete {ckpt_path} to start this one again")
+    saved = {**OLDER, **ck["args"]}
+    given = getattr(args, "given", None)
+    diff = []
+    for flag, key in RUN_FLAGS.items():
+        if key not in saved:  # a checkpoint from before the flag was stored: today's default
+            continue
+        was = saved.get("data_id", saved[key]) if flag == "data" else saved[key]
+        if given is not None and flag not in given:
+            setattr(args, flag, was)
+            continue
+        now = getattr(args, flag)
+        if (data_id(now) != data_id(was)) if flag == "data" else (now != was):
+            diff.append(f"--{flag.replace('_', '-')}: checkpoint {was!r}, now {now!r}")
+    if diff:
+        raise CheckpointError(
+            f"--resume continues the run in {ckpt_path}, and these flags would change it:\n  "
+            + "\n  ".join(diff) + "\nleave them out to continue the run as it was, or give another "
+            "--out for a new run")
     return ck
 
 
@@ -697,6 +805,18 @@ def check_same(saved, now, path):
     if diff:
         raise CheckpointError(f"{path} was trained with a different model or data shape:\n  "
                               + "\n  ".join(diff))
+
+
+@contextlib.contextmanager
+def fitting(path):
+    """Loading a checkpoint that another version of the script wrote: a key it lacks, or a tensor of
+    another shape, is one message naming it (exit 2)."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{path} does not fit this version of the script: it has no {e}")
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit this version of the script: {e}")
 
 
 def model_from_checkpoint(ck, device):
