@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zlib
 
 import torch
@@ -75,6 +76,10 @@ class Schedule:
         return v
 
 
+# x_T keeps sqrt(ᾱ_T) of x_0: above 1e-3 (3%), x_T is visibly not the N(0, I) sampling starts from
+ALPHA_BAR_T_MAX = 1e-3
+
+
 def schedule(T=1000, beta_1=1e-4, beta_T=0.02):
     """The DDPM paper's linear schedule, β_1 = 1e-4 rising to β_T = 0.02, computed in float64.
 
@@ -82,6 +87,11 @@ def schedule(T=1000, beta_1=1e-4, beta_T=0.02):
     increase: early steps add little noise so that fine detail is destroyed gently, late steps add
     much (β_T = 0.02). With the notes' order x_1 would already carry β = 0.02 of noise and the last
     steps would barely change x_t.
+
+    Sampling starts from p(x_T) = N(0, I), which matches q(x_T|x_0) only when ᾱ_T ≈ 0 (4e-5 for the
+    defaults). A short T with these β's leaves much of x_0 in x_T (T = 50: ᾱ_T = 0.60), so this
+    warns when ᾱ_T > ALPHA_BAR_T_MAX. It does not rescale the β's: a checkpoint trained with --T and
+    explicit β's gets back the schedule it was trained with.
     """
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
@@ -92,7 +102,13 @@ def schedule(T=1000, beta_1=1e-4, beta_T=0.02):
     beta = torch.zeros(T + 1, dtype=torch.float64)
     # 扩散过程: β_1 < β_2 < ... < β_T, evenly spaced
     beta[1:] = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
-    return Schedule(beta)
+    sch = Schedule(beta)
+    alpha_bar_T = sch.alpha_bar[T].item()
+    if alpha_bar_T > ALPHA_BAR_T_MAX:
+        warnings.warn(f"T = {T} with β from {beta_1} to {beta_T} leaves ᾱ_T = {alpha_bar_T:.3g}: "
+                      f"x_T keeps sqrt(ᾱ_T) = {alpha_bar_T ** 0.5:.2g} of x_0 and is far from the "
+                      "N(0, I) that sampling starts from (raise T or β_T)", stacklevel=2)
+    return sch
 
 
 def _per_image(c, x):
@@ -501,10 +517,13 @@ def dpm_solver_sample(eps_model, sch, shape, steps=20, clip_x0=False, generator=
             h = lam[k + 1] - lam[k]
             x0_hat_2m = x0_hat
             if x0_hat_prev is not None:
-                # DPM-Solver++(2M): r = h_prev/h, D = (1 + 1/(2r)) x̂_0(t) - 1/(2r) x̂_0(t_prev)
+                # DPM-Solver++(2M): r = h_prev/h,
+                #   x̂_0^2M = (1 + 1/(2r)) x̂_0(t) - 1/(2r) x̂_0(t_prev)
                 r = h_prev / h
                 x0_hat_2m = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * x0_hat_prev
-            # DPM-Solver++: x_next = sqrt((1-ᾱ_next)/(1-ᾱ_t)) x_t - sqrt(ᾱ_next) (e^{-h} - 1) D
+            # DPM-Solver++: x_next = sqrt((1-ᾱ_next)/(1-ᾱ_t)) x_t
+            #                        - sqrt(ᾱ_next) (e^{-h} - 1) x̂_0^2M
+            #   (x̂_0^2M = x̂_0 at the first step: first order)
             x = (math.sqrt((1 - alpha_bar[nxt]) / (1 - alpha_bar[t_int])) * x
                  - math.sqrt(alpha_bar[nxt]) * math.expm1(-h) * x0_hat_2m)
             x0_hat_prev, h_prev = x0_hat, h
@@ -552,12 +571,15 @@ def ode_grid(sch, steps=ODE_STEPS):
 
 
 def ode_log_likelihood(eps_model, sch, x1, steps=ODE_STEPS, probes=1, generator=None,
-                       quadrature="log-sigma"):
+                       quadrature="log-sigma", terms=False):
     """log p_ODE(x_1) per image in nats (P estimates each) of the probability-flow ODE's density at
     t = 1, with p(x_T) = N(0, I): the instantaneous change of variables ([SDE] eq. 39; Chen et al.
     2018), integrated from t = 1 to T on the nodes of ode_grid (about 2 × steps network calls), the
     divergence by Hutchinson's estimator with `probes` Rademacher vectors held fixed along the path.
     Returns ((P, B) estimates, x_T). The network is called in x1's dtype (an nn.Module in its own).
+    terms=True returns (dict, x_T) instead, the four terms that add up to the estimate: "prior"
+    log p(x_T) and "jacobian_T" D/2 log ᾱ_T, (B,) each; "divergence" ∫ div_x̄ ε_θ dσ̄, (P, B);
+    "jacobian_1" -D/2 log ᾱ_1, a number.
 
     In x̄ = x_t / sqrt(ᾱ_t) and σ̄_t = sqrt((1-ᾱ_t)/ᾱ_t) the ODE is dx̄/dσ̄ = ε_θ(sqrt(ᾱ) x̄, t)
     (DDIM eq. 14), so
@@ -618,11 +640,17 @@ def ode_log_likelihood(eps_model, sch, x1, steps=ODE_STEPS, probes=1, generator=
             f0, d0 = velocity(xbar, tb)
     # x_T = sqrt(ᾱ_T) x̄_T
     x_T = math.sqrt(alpha_bar[sch.T]) * xbar
-    # p(x_T) = N(0, I), then log p̄_T(x̄_T) = log p(x_T) + D/2 log ᾱ_T
-    log_pbar_T = ((-0.5 * (x_T.double() ** 2 + math.log(2 * math.pi))).flatten(1).sum(1)
-                  + D / 2 * math.log(alpha_bar[sch.T]))
+    # p(x_T) = N(0, I)
+    log_p_T = (-0.5 * (x_T.double() ** 2 + math.log(2 * math.pi))).flatten(1).sum(1)
+    # log p̄_T(x̄_T) = log p(x_T) + D/2 log ᾱ_T
+    jacobian_T = torch.full_like(log_p_T, D / 2 * math.log(alpha_bar[sch.T]))
+    # log p_1(x_1) = log p̄_1(x̄_1) - D/2 log ᾱ_1
+    jacobian_1 = -D / 2 * math.log(alpha_bar[1])
+    if terms:
+        return dict(prior=log_p_T, jacobian_T=jacobian_T, divergence=delta,
+                    jacobian_1=jacobian_1), x_T
     # log p_1(x_1) = log p̄_T(x̄_T) + ∫ div dσ̄ - D/2 log ᾱ_1
-    return log_pbar_T + delta - D / 2 * math.log(alpha_bar[1]), x_T
+    return log_p_T + jacobian_T + delta + jacobian_1, x_T
 
 
 def ode_calls(sch, steps=ODE_STEPS):
@@ -723,97 +751,98 @@ INT_LIST = _flag(lambda s: [int(v) for v in s.split(",") if v.strip()], lambda v
 def build_parser():
     p = argparse.ArgumentParser(
         prog="ddpm.py", description="DDPM, annotated against the notes (python ddpm.py --train)")
-    g = p.add_argument_group("what to do")
-    g.add_argument("--train", action="store_true",
-                   help="train (downloads the data set on first use)")
-    g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
-    g.add_argument("--sample", type=POSITIVE_INT, metavar="N",
-                   help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
-    g.add_argument("--eval", action="store_true",
-                   help="the variational bound in bits/dim on the test split")
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data", default="mnist",
-                   help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
-                        "(N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
-    g.add_argument("--data-dir", default="data",
-                   help="where downloaded data sets are kept (default ./data)")
-    g.add_argument("--out", default=os.path.join("runs", "ddpm"),
-                   help="the run's folder: checkpoint and samples (default runs/ddpm)")
-    g.add_argument("--seed", type=SEED, default=0,
-                   help="random seed (default 0); same seed, same samples")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu) or a torch device")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on "
-                        "CUDA fp32 matmuls use TF32 (default auto)")
-    g = p.add_argument_group("optimisation (unset flags come from the GPU or CPU recipe)")
-    g.add_argument("--steps", type=COUNT,
-                   help="train until this many steps in all (with --minutes: whichever comes "
-                        "first)")
-    g.add_argument("--minutes", type=POSITIVE,
-                   help="train until this many minutes of training in all, counted across "
-                        "--resume (the final samples not included)")
-    g.add_argument("--batch-size", type=POSITIVE_INT, help="global batch size (split across ranks)")
-    g.add_argument("--lr", type=LR, help="Adam learning rate")
-    g.add_argument("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
-    g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="gradient-norm clip (default 1)")
-    g.add_argument("--ema-decay", type=OPEN_UNIT,
-                   help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
-    g.add_argument("--log-every", type=POSITIVE_INT, default=100,
-                   help="steps between progress lines (default 100)")
-    g.add_argument("--ckpt-every", type=POSITIVE_INT, default=1000,
-                   help="steps between checkpoints (default 1000)")
-    g = p.add_argument_group("model size (U-Net; unset flags come from the recipe)")
-    g.add_argument("--ch", type=POSITIVE_INT, help="base width (the paper's CIFAR-10 model: 128)")
-    g.add_argument("--ch-mult", type=INT_LIST, help="width multiplier per resolution level, comma "
-                   "separated (CIFAR-10: 1,2,2,2; 28px takes at most 3 levels)")
-    g.add_argument("--res-blocks", type=POSITIVE_INT,
-                   help="residual blocks per level (CIFAR-10: 2)")
-    g.add_argument("--attn", type=INT_LIST, help="level indices with self-attention, '' for none "
-                   "(CIFAR-10: 1, the 16x16 level)")
-    g.add_argument("--dropout", type=UNIT, help="dropout in the residual blocks (CIFAR-10: 0.1)")
-    g.add_argument("--group-size", type=POSITIVE_INT, default=4,
-                   help="at least this many channels per GroupNorm group (default 4; 1 makes "
-                        "narrow layers instance norms, which hide the image's mean from the "
-                        "network)")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--T", type=POSITIVE_INT, default=1000, help="diffusion steps T (default 1000)")
-    g.add_argument("--beta-1", type=OPEN_UNIT, default=1e-4, help="β_1 (default 1e-4)")
-    g.add_argument("--beta-T", type=OPEN_UNIT, default=0.02, help="β_T (default 0.02)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=SAMPLERS,
-                   help="ancestral (T network calls, the notes'), ddim or dpm++2m (--sample-steps "
-                        "calls) (default ddim: with η = 1, 50 calls, within 1.2x of the 1000-step "
-                        "samplers' quality at every training length in the README's measurements)")
-    g.add_argument("--sample-steps", type=POSITIVE_INT, help="network calls for ddim and dpm++2m "
-                   f"(default {SAMPLE_STEPS['ddim']} and {SAMPLE_STEPS['dpm++2m']})")
-    g.add_argument("--time-grid", choices=SPACINGS, default=SPACING,
-                   help="where ddim and dpm++2m evaluate the network: even in t, quadratic in t, "
-                        f"or even in log σ̄ (default {SPACING})")
-    g.add_argument("--ddim-steps", type=POSITIVE_INT,
-                   help="shorthand for --sampler ddim --sample-steps N")
-    g.add_argument("--var", choices=["beta_tilde", "beta"], default="beta_tilde",
-                   help="ancestral sampler variance σ_t^2 (default beta_tilde)")
-    g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
-                   help="clip the predicted x_0 to [-1,1] while sampling (default on, as in the "
-                        "DDPM paper's code and diffusers; --no-clip-x0 samples as the notes do)")
-    g.add_argument("--eta", type=float, default=1.0,
-                   help="DDIM η >= 0: 1 draws fresh noise each step, as ancestral sampling does on "
-                        "the shorter chain; 0 is deterministic, Euler on the probability-flow ODE "
-                        "(default 1)")
-    g.add_argument("--final-samples", type=COUNT, default=64,
-                   help="samples written at the end of --train (default 64)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-n", type=POSITIVE_INT, help="images to evaluate (default all)")
-    g.add_argument("--eval-t", type=POSITIVE_INT, help="t's drawn per image (default: every t)")
-    g.add_argument("--ode", action="store_true",
-                   help="with --eval: the bound by the probability-flow ODE")
-    g.add_argument("--ode-steps", type=POSITIVE_INT, default=ODE_STEPS,
-                   help="Heun steps from t=1 to T on a grid even in log σ̄ (default "
-                        f"{ODE_STEPS}: about {2 * ODE_STEPS} network calls per image)")
-    g.add_argument("--probes", type=POSITIVE_INT, default=1,
-                   help="Hutchinson probes per image (default 1)")
+    add = p.add_argument_group("what to do").add_argument
+    add("--train", action="store_true",
+        help="train (downloads the data set on first use)")
+    add("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    add("--sample", type=POSITIVE_INT, metavar="N",
+        help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
+    add("--eval", action="store_true",
+        help="the variational bound in bits/dim on the test split")
+    add = p.add_argument_group("data and output").add_argument
+    add("--data", default="mnist",
+        help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
+             "(N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
+    add("--data-dir", default="data",
+        help="where downloaded data sets are kept (default ./data)")
+    add("--out", default=os.path.join("runs", "ddpm"),
+        help="the run's folder: checkpoint and samples (default runs/ddpm)")
+    add("--seed", type=SEED, default=0,
+        help="random seed (default 0); same seed, same samples")
+    add("--device", default="auto",
+        help="auto (cuda, then mps, then cpu) or a torch device")
+    add("--compile", action="store_true", help="torch.compile the model for training")
+    add("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on "
+             "CUDA fp32 matmuls use TF32 (default auto)")
+    add = p.add_argument_group(
+        "optimisation (unset flags come from the GPU or CPU recipe)").add_argument
+    add("--steps", type=COUNT,
+        help="train until this many steps in all (with --minutes: whichever comes "
+             "first)")
+    add("--minutes", type=POSITIVE,
+        help="train until this many minutes of training in all, counted across "
+             "--resume (the final samples not included)")
+    add("--batch-size", type=POSITIVE_INT, help="global batch size (split across ranks)")
+    add("--lr", type=LR, help="Adam learning rate")
+    add("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
+    add("--grad-clip", type=POSITIVE, default=1.0, help="gradient-norm clip (default 1)")
+    add("--ema-decay", type=OPEN_UNIT,
+        help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
+    add("--log-every", type=POSITIVE_INT, default=100,
+        help="steps between progress lines (default 100)")
+    add("--ckpt-every", type=POSITIVE_INT, default=1000,
+        help="steps between checkpoints (default 1000)")
+    add = p.add_argument_group("model size (U-Net; unset flags come from the recipe)").add_argument
+    add("--ch", type=POSITIVE_INT, help="base width (the paper's CIFAR-10 model: 128)")
+    add("--ch-mult", type=INT_LIST, help="width multiplier per resolution level, comma "
+        "separated (CIFAR-10: 1,2,2,2; 28px takes at most 3 levels)")
+    add("--res-blocks", type=POSITIVE_INT,
+        help="residual blocks per level (CIFAR-10: 2)")
+    add("--attn", type=INT_LIST, help="level indices with self-attention, '' for none "
+        "(CIFAR-10: 1, the 16x16 level)")
+    add("--dropout", type=UNIT, help="dropout in the residual blocks (CIFAR-10: 0.1)")
+    add("--group-size", type=POSITIVE_INT, default=4,
+        help="at least this many channels per GroupNorm group (default 4; 1 makes "
+             "narrow layers instance norms, which hide the image's mean from the "
+             "network)")
+    add = p.add_argument_group("diffusion").add_argument
+    add("--T", type=POSITIVE_INT, default=1000, help="diffusion steps T (default 1000)")
+    add("--beta-1", type=OPEN_UNIT, default=1e-4, help="β_1 (default 1e-4)")
+    add("--beta-T", type=OPEN_UNIT, default=0.02, help="β_T (default 0.02)")
+    add = p.add_argument_group("sampling").add_argument
+    add("--sampler", choices=SAMPLERS,
+        help="ancestral (T network calls, the notes'), ddim or dpm++2m (--sample-steps "
+             "calls) (default ddim: with η = 1, 50 calls, within 1.2x of the 1000-step "
+             "samplers' quality at every training length in the README's measurements)")
+    add("--sample-steps", type=POSITIVE_INT, help="network calls for ddim and dpm++2m "
+        f"(default {SAMPLE_STEPS['ddim']} and {SAMPLE_STEPS['dpm++2m']})")
+    add("--time-grid", choices=SPACINGS, default=SPACING,
+        help="where ddim and dpm++2m evaluate the network: even in t, quadratic in t, "
+             f"or even in log σ̄ (default {SPACING})")
+    add("--ddim-steps", type=POSITIVE_INT,
+        help="shorthand for --sampler ddim --sample-steps N")
+    add("--var", choices=["beta_tilde", "beta"], default="beta_tilde",
+        help="ancestral sampler variance σ_t^2 (default beta_tilde)")
+    add("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
+        help="clip the predicted x_0 to [-1,1] while sampling (default on, as in the "
+             "DDPM paper's code and diffusers; --no-clip-x0 samples as the notes do)")
+    add("--eta", type=float, default=1.0,
+        help="DDIM η >= 0: 1 draws fresh noise each step, as ancestral sampling does on "
+             "the shorter chain; 0 is deterministic, Euler on the probability-flow ODE "
+             "(default 1)")
+    add("--final-samples", type=COUNT, default=64,
+        help="samples written at the end of --train (default 64)")
+    add = p.add_argument_group("evaluation").add_argument
+    add("--eval-n", type=POSITIVE_INT, help="images to evaluate (default all)")
+    add("--eval-t", type=POSITIVE_INT, help="t's drawn per image (default: every t)")
+    add("--ode", action="store_true",
+        help="with --eval: the bound by the probability-flow ODE")
+    add("--ode-steps", type=POSITIVE_INT, default=ODE_STEPS,
+        help="Heun steps from t=1 to T on a grid even in log σ̄ (default "
+             f"{ODE_STEPS}: about {2 * ODE_STEPS} network calls per image)")
+    add("--probes", type=POSITIVE_INT, default=1,
+        help="Hutchinson probes per image (default 1)")
     return p
 
 
@@ -843,11 +872,17 @@ def parse(argv):
 
 
 def main(argv=None):
-    import common
     for stream in (sys.stdout, sys.stderr):  # σ, η, x̂ on a console that is not UTF-8: '?' instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    p, args = parse(argv)
+    p, args = parse(argv)  # --help and the usage errors need this file alone
+    try:
+        import common
+    except ModuleNotFoundError as e:  # the file copied without its companion
+        if e.name != "common":
+            raise
+        p.exit(2, f"{p.prog}: error: needs common.py beside it (the U-Net and the data helpers; "
+                  "README: copying into another project)\n")
     args.command = resume_command(argv)
     # SIGTERM (a cluster's preemption or time limit) and SIGHUP stop the program as Ctrl-C does:
     # training at a step boundary with a checkpoint (train), anything else at once, with no output
@@ -1009,8 +1044,8 @@ def unet_config(args, in_ch, image_size):
 
 
 def make_optimizer(model, lr, warmup):
-    """Adam with a linear warm-up of the learning rate over `warmup` steps (DDPM: 2e-4, 5000
-    steps)."""
+    """Adam with a linear warm-up of the learning rate over `warmup` steps (0: none); the recipes
+    above give lr and warmup."""
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     opt = torch.optim.Adam(model.parameters(), lr=lr, **fused)
     # lr_k = lr min(1, (k+1)/warmup)
@@ -1185,10 +1220,11 @@ def train(args, rank, world, device):
         while not done:
             # the whole global batch is drawn from (seed, step), each rank takes its slice: after
             # --resume, or on every torchrun rank, step k sees what an uninterrupted process would
-            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)[lo:hi]
-            t = torch.randint(1, args.T + 1, (args.batch_size,), device=device, generator=g)[lo:hi]
-            eps = torch.randn((args.batch_size, C, H, W), device=device, generator=g)[lo:hi]
+            gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=gen)[lo:hi]
+            t = torch.randint(1, args.T + 1, (args.batch_size,), device=device,
+                              generator=gen)[lo:hi]
+            eps = torch.randn((args.batch_size, C, H, W), device=device, generator=gen)[lo:hi]
             x0 = common.to_range(data[idx], -1)
             with autocast(device, bf16):
                 loss = loss_simple(net, sch, x0, t, eps)
@@ -1449,7 +1485,7 @@ def draw(args, model, sch, device, n, generator, callback=None):
 
 def write_samples(args, model, sch, device, n):
     import common
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     start = time.time()
     steps = network_calls(args, sch)
     every = max(1, steps // 10)
@@ -1458,7 +1494,7 @@ def write_samples(args, model, sch, device, n):
         if (k + 1) % every == 0:
             print(f"{args.sampler} step {k + 1}/{steps} (t = {t})", file=sys.stderr, flush=True)
 
-    x = draw(args, model, sch, device, n, g, report)
+    x = draw(args, model, sch, device, n, gen, report)
     png, pt = os.path.join(args.out, "samples.png"), os.path.join(args.out, "samples.pt")
     x01 = (x.clamp(-1, 1) + 1) / 2
     common.write_png(png, x01)
@@ -1476,20 +1512,20 @@ def evaluate(args, model, sch, device, ck):
         raise common.DataError(f"{args.data}: images {tuple(x.shape[1:])} but the model takes "
                                f"{(model.in_ch, model.image_size, model.image_size)}")
     x = x[:args.eval_n] if args.eval_n else x
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     start, bpds, ses = time.time(), [], []
     chunk = 100 if not args.ode else 25
     D = x[0].numel()
     for k in range(0, len(x), chunk):
         x0 = common.to_range(x[k:k + chunk], -1).to(device)
         if args.ode:
-            est = ode_bound(model, sch, x0, args.ode_steps, args.probes, args.var, g)
+            est = ode_bound(model, sch, x0, args.ode_steps, args.probes, args.var, gen)
             est = est / (D * math.log(2))  # bits/dim
             bpd = est.mean(0)  # est: (probes, B)
             se = (est.std(0) / math.sqrt(args.probes) if args.probes > 1
                   else torch.full_like(bpd, float("nan")))
         else:
-            bpd, se = nll_bits_per_dim(model, sch, x0, args.eval_t, args.var, generator=g)
+            bpd, se = nll_bits_per_dim(model, sch, x0, args.eval_t, args.var, generator=gen)
         bpds.append(bpd.cpu())
         ses.append(se.cpu() if se is not None else torch.zeros_like(bpd.cpu()))
         print(f"eval {min(k + chunk, len(x))}/{len(x)} images, running bits/dim "

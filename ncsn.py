@@ -4,7 +4,7 @@ sampler), then the command line.
 
     python ncsn.py --train                  # MNIST in [0, 1], runs/ncsn (15 minutes on a CPU)
     python ncsn.py --sample 64              # predictor-corrector, 400 calls -> samples.png
-    python ncsn.py --sample 64 --sampler annealed --langevin-steps 100 --langevin-eps 2e-5
+    python ncsn.py --sample 64 --sampler annealed --langevin-steps 100 --step-size 2e-5
                                             # the notes' Algorithm 1, 1,000 calls
 
 A score network s_θ(x, i) ≈ ∇_x log p_{σ_i}(x) is trained by denoising score matching at L noise
@@ -48,7 +48,11 @@ def score(log_density, x):
 
 @torch.no_grad()
 def langevin(score_fn, x, step_size, T, generator=None):
-    """Plain Langevin dynamics, T steps t = 0..T-1 from x = x_0, with the notes' step size ε.
+    """Plain Langevin dynamics: T steps t = 0..T-1 from the chain's start x = x_0, each
+    x + ε s(x) + sqrt(2ε) z with ε = step_size (the notes' ε in Gradient model). Here T counts
+    Langevin steps and x_0 is the chain's start, as in the notes' Gradient model section; in ddpm.py
+    T is the diffusion's length and x_0 the data. Algorithm 1 (annealed_langevin) takes its step in
+    another form: the same step_size there moves half as far at the last level.
 
     NOTES ERROR (Gradient model): the notes write ε s_θ(x) with no index; the score is evaluated at
     the current state x_t (evaluated at a fixed x the update would be a random walk with a constant
@@ -56,7 +60,7 @@ def langevin(score_fn, x, step_size, T, generator=None):
     """
     for _ in range(T):
         z = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-        # Gradient model: x_{t+1} = x_t + ε s(x_t) + sqrt(2ε) z_t,  z_t ~ N(0, I)
+        # Gradient model: x_{t+1} = x_t + ε s(x_t) + sqrt(2ε) z_t,  z_t ~ N(0, I), ε = step_size
         x = x + step_size * score_fn(x) + math.sqrt(2 * step_size) * z
     return x
 
@@ -122,11 +126,13 @@ def annealed_langevin(score_fn, x, sigmas, step_size=2e-5, T=100, denoise=False,
                       trace=None):
     """Algorithm 1 of the notes (NCSN): for each level i = 1..L, T Langevin steps of size α_i.
 
-    This is the Langevin step above with ε = α_i / 2 (ε s + sqrt(2ε) z). `x` is the start (the CLI
-    and the notes draw it from the uniform distribution on [0, 1]); score_fn(x, i) is a network or
-    an exact score; step_size is Algorithm 1's ε. The default 2e-5 is the NCSN paper's ε in this
-    form; NCSN's released code applies its step_lr = 2e-5 as x + ε s + sqrt(2ε) z with
-    ε = step_lr σ_i^2/σ_L^2, which is ε = 4e-5 here (α_i = 2 step_lr σ_i^2/σ_L^2). denoise=True
+    step_size is Algorithm 1's ε: each step is x + α_i/2 s + sqrt(α_i) z with α_i = ε σ_i^2/σ_L^2,
+    which is langevin()'s step with its step_size = α_i/2, so at the last level (α_L = ε) the same
+    number moves half as far as in langevin(). T is Algorithm 1's number of steps per level. `x` is
+    the start (the CLI and the notes draw it from the uniform distribution on [0, 1]); score_fn(x,
+    i) is a network or an exact score. The default 2e-5 is the NCSN paper's ε in this form; NCSN's
+    released code applies its step_lr = 2e-5 as x + step_lr σ_i^2/σ_L^2 s + sqrt(2 step_lr
+    σ_i^2/σ_L^2) z, which is step_size = 4e-5 here (α_i = 2 step_lr σ_i^2/σ_L^2). denoise=True
     ends with x + σ_L^2 s(x, L) (Tweedie's formula; the improved NCSN paper's final step). trace:
     an optional list that receives x after each level. L·T network calls (+1 with denoise).
     """
@@ -180,13 +186,15 @@ class CondInstanceNorm2dPlus(nn.Module):
         # 条件实例归一化: m, v = the mean and standard deviation of u_1..u_C
         v2, m = torch.var_mean(u, dim=1, keepdim=True, unbiased=False)
         v = (v2 + self.stabilizer).sqrt()
-        g, b, a = (p[i - 1][:, :, None, None] for p in (self.gamma, self.beta, self.alpha))
+        # level i's rows of γ, β, α (the parameters keep the norm's names, so checkpoints load)
+        scale, shift, mean_gain = (p[i - 1][:, :, None, None]
+                                   for p in (self.gamma, self.beta, self.alpha))
         # 条件实例归一化: (x[c,h,w] - u_c)/Φ_c, Φ_c = sqrt(1/HW Σ_{h,w} (x[c,h,w] - u_c)^2): group
         # norm with one channel per group is instance norm, and torch's fused kernel (forward and
         # backward) is 2.6x faster on a CPU than writing it term by term (README: score model)
         x_hat = F.group_norm(x, x.shape[1], eps=self.stabilizer)
         # 条件实例归一化: y[c,h,w] = γ[i,c] (x[c,h,w] - u_c)/Φ_c + β[i,c] + α[i,c] (u_c - m)/v
-        return torch.addcmul(b + a * (u - m) / v, x_hat, g)
+        return torch.addcmul(shift + mean_gain * (u - m) / v, x_hat, scale)
 
 
 class ScoreNet(nn.Module):
@@ -245,9 +253,11 @@ def pc_sample(score_fn, x, sigmas, corrector_steps=1, snr=0.16, denoise=False, g
     reverse-diffusion predictor of eq. 46, the VE corrector of Algorithm 4).
 
     From the start x (Algorithm 1's uniform draw), level by level: for i >= 2 a reverse-diffusion
-    predictor step from σ_{i-1} to σ_i, then `corrector_steps` Langevin corrector steps at σ_i. The
-    corrector's step size ε = 2 (r ||z|| / ||s||)^2 fixes the ratio of the step's drift to its
-    noise, ||ε s|| / ||sqrt(2ε) z|| = r = snr (norms averaged over the batch, as [SDE]'s code does).
+    predictor step from σ_{i-1} to σ_i, then `corrector_steps` Langevin corrector steps at σ_i,
+    each x + step_size s + sqrt(2 step_size) z as in langevin() ([SDE] calls it ε). Its
+    step_size = 2 (r ||z|| / ||s||)^2 fixes the ratio of the step's drift to its noise,
+    ||step_size s|| / ||sqrt(2 step_size) z|| = r = snr (norms averaged over the batch, as [SDE]'s
+    code does).
     Level 1 has no level above it: the corrector alone. Network calls: (L - 1) + L·corrector_steps
     (+1 with denoise), against L·T for Algorithm 1. trace receives x after each level.
     """
@@ -267,10 +277,11 @@ def pc_sample(score_fn, x, sigmas, corrector_steps=1, snr=0.16, denoise=False, g
         for _ in range(corrector_steps):
             s = score_fn(x, level).to(x.dtype)
             z = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-            # [SDE] Algorithm 4: ε = 2 (r ||z||_2 / ||s_θ||_2)^2, each norm averaged over the batch
+            # [SDE] Algorithm 4 (its ε is step_size): ε = 2 (r ||z||_2 / ||s_θ||_2)^2, each norm
+            #   averaged over the batch
             z_norm, s_norm = z.flatten(1).norm(dim=1).mean(), s.flatten(1).norm(dim=1).mean()
             step_size = 2 * (snr * z_norm / s_norm) ** 2
-            # [SDE] Algorithm 4: x ← x + ε s_θ(x, σ_i) + sqrt(2ε) z
+            # [SDE] Algorithm 4: x ← x + ε s_θ(x, σ_i) + sqrt(2ε) z,  ε = step_size
             x = x + step_size * s + (2 * step_size).sqrt() * z
         if trace is not None:
             trace.append(x.clone())
@@ -308,6 +319,17 @@ class FlagError(ValueError):
     """Flags that don't fit each other, the data or the checkpoint: a usage error (exit 2)."""
 
 
+class Renamed(argparse.Action):
+    """The old spelling of a renamed flag: a usage error that names the new one."""
+
+    def __init__(self, option_strings, dest, new, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new} (same meaning, same numbers)")
+
+
 class CheckpointError(Exception):
     """A checkpoint that can't be used here; the message says why (exit 2)."""
 
@@ -343,88 +365,91 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="ncsn.py",
         description="NCSN score model, annotated against the notes (python ncsn.py --train)")
-    g = p.add_argument_group("what to do")
-    g.add_argument("--train", action="store_true",
-                   help="train (downloads the data set on first use)")
-    g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
-    g.add_argument("--sample", type=POSITIVE_INT, metavar="N",
-                   help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data", default="mnist",
-                   help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
-                        "(N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
-    g.add_argument("--data-dir", default="data",
-                   help="where downloaded data sets are kept (default ./data)")
-    g.add_argument("--out", default=os.path.join("runs", "ncsn"),
-                   help="the run's folder: checkpoint and samples (default runs/ncsn)")
-    g.add_argument("--seed", type=SEED, default=0,
-                   help="random seed (default 0); same seed, same samples")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu) or a torch device")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on "
-                        "CUDA fp32 matmuls use TF32 (default auto)")
-    g = p.add_argument_group("optimisation (unset flags come from the GPU or CPU recipe)")
-    g.add_argument("--steps", type=COUNT,
-                   help="train until this many steps in all (with --minutes: whichever comes "
-                        "first)")
-    g.add_argument("--minutes", type=POSITIVE,
-                   help="train until this many minutes of training in all, counted across "
-                        "--resume (the final samples not included)")
-    g.add_argument("--batch-size", type=POSITIVE_INT, help="global batch size (split across ranks)")
-    g.add_argument("--lr", type=LR, help="Adam learning rate")
-    g.add_argument("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
-    g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="gradient-norm clip (default 1)")
-    g.add_argument("--ema-decay", type=OPEN_UNIT,
-                   help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
-    g.add_argument("--log-every", type=POSITIVE_INT, default=100,
-                   help="steps between progress lines (default 100)")
-    g.add_argument("--ckpt-every", type=POSITIVE_INT, default=1000,
-                   help="steps between checkpoints (default 1000)")
-    g = p.add_argument_group("model size (U-Net; unset flags come from the recipe)")
-    g.add_argument("--ch", type=POSITIVE_INT, help="base width")
-    g.add_argument("--ch-mult", type=INT_LIST, help="width multiplier per resolution level, comma "
-                   "separated (28px takes at most 3 levels)")
-    g.add_argument("--res-blocks", type=POSITIVE_INT, help="residual blocks per level")
-    g.add_argument("--attn", type=INT_LIST, help="level indices with self-attention, '' for none")
-    g.add_argument("--dropout", type=UNIT, help="dropout in the residual blocks")
-    g = p.add_argument_group("noise levels and sampling (NCSN's MNIST settings)")
-    g.add_argument("--sigma-1", type=POSITIVE, default=1.0,
-                   help="largest noise level σ_1 (default 1.0)")
-    g.add_argument("--sigma-L", type=POSITIVE, default=0.01,
-                   help="smallest noise level σ_L (default 0.01)")
-    g.add_argument("--levels", type=POSITIVE_INT, default=10,
-                   help="L, the number of levels (default 10)")
+    add = p.add_argument_group("what to do").add_argument
+    add("--train", action="store_true",
+        help="train (downloads the data set on first use)")
+    add("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    add("--sample", type=POSITIVE_INT, metavar="N",
+        help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
+    add = p.add_argument_group("data and output").add_argument
+    add("--data", default="mnist",
+        help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
+             "(N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
+    add("--data-dir", default="data",
+        help="where downloaded data sets are kept (default ./data)")
+    add("--out", default=os.path.join("runs", "ncsn"),
+        help="the run's folder: checkpoint and samples (default runs/ncsn)")
+    add("--seed", type=SEED, default=0,
+        help="random seed (default 0); same seed, same samples")
+    add("--device", default="auto",
+        help="auto (cuda, then mps, then cpu) or a torch device")
+    add("--compile", action="store_true", help="torch.compile the model for training")
+    add("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on "
+             "CUDA fp32 matmuls use TF32 (default auto)")
+    add = p.add_argument_group(
+        "optimisation (unset flags come from the GPU or CPU recipe)").add_argument
+    add("--steps", type=COUNT,
+        help="train until this many steps in all (with --minutes: whichever comes "
+             "first)")
+    add("--minutes", type=POSITIVE,
+        help="train until this many minutes of training in all, counted across "
+             "--resume (the final samples not included)")
+    add("--batch-size", type=POSITIVE_INT, help="global batch size (split across ranks)")
+    add("--lr", type=LR, help="Adam learning rate")
+    add("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
+    add("--grad-clip", type=POSITIVE, default=1.0, help="gradient-norm clip (default 1)")
+    add("--ema-decay", type=OPEN_UNIT,
+        help="EMA decay of the weights (ramped up from 0.1 so short runs work)")
+    add("--log-every", type=POSITIVE_INT, default=100,
+        help="steps between progress lines (default 100)")
+    add("--ckpt-every", type=POSITIVE_INT, default=1000,
+        help="steps between checkpoints (default 1000)")
+    add = p.add_argument_group("model size (U-Net; unset flags come from the recipe)").add_argument
+    add("--ch", type=POSITIVE_INT, help="base width")
+    add("--ch-mult", type=INT_LIST, help="width multiplier per resolution level, comma "
+        "separated (28px takes at most 3 levels)")
+    add("--res-blocks", type=POSITIVE_INT, help="residual blocks per level")
+    add("--attn", type=INT_LIST, help="level indices with self-attention, '' for none")
+    add("--dropout", type=UNIT, help="dropout in the residual blocks")
+    add = p.add_argument_group("noise levels and sampling (NCSN's MNIST settings)").add_argument
+    add("--sigma-1", type=POSITIVE, default=1.0,
+        help="largest noise level σ_1 (default 1.0)")
+    add("--sigma-L", type=POSITIVE, default=0.01,
+        help="smallest noise level σ_L (default 0.01)")
+    add("--levels", type=POSITIVE_INT, default=10,
+        help="L, the number of levels (default 10)")
     # The CLI's sampling defaults were chosen by measurement on a 15-minute CPU checkpoint (README:
     # score model): among Algorithm 1 at T = 20/40/80 steps per level and predictor-corrector at
     # M = 19/39/79 corrector steps, each at several step sizes, with and without the final
     # denoising step, from either start, the lowest Fréchet distance was predictor-corrector with
     # M = 39, r = 0.35, denoised, from the uniform start: 400 network calls. Algorithm 1's own
-    # defaults are its best setting at the same calls (T = 40, ε = 5e-5); the notes' T = 100,
-    # ε = 2e-5 (the NCSN paper's; its released code's step is ε = 4e-5 in this form) stay the
-    # defaults of annealed_langevin().
-    g.add_argument("--sampler", choices=["annealed", "pc"], default="pc",
-                   help="annealed: Algorithm 1 (L·T network calls); pc: predictor-corrector "
-                        "(L-1 + L·M calls) (default pc)")
-    g.add_argument("--langevin-steps", type=POSITIVE_INT, default=40,
-                   help="T of Algorithm 1, steps per level (default 40; the notes' is 100)")
-    g.add_argument("--langevin-eps", type=POSITIVE, default=5e-5,
-                   help="ε of Algorithm 1, the step size (default 5e-5; the notes' is 2e-5)")
-    g.add_argument("--corrector-steps", type=POSITIVE_INT, default=39,
-                   help="pc: M, Langevin corrector steps per level (default 39)")
-    g.add_argument("--snr", type=POSITIVE, default=0.35,
-                   help="pc: the corrector's signal-to-noise ratio r (default 0.35; [SDE]'s is "
-                        "0.16)")
-    g.add_argument("--start", choices=["uniform", "gaussian"], default="uniform",
-                   help="where sampling starts: uniform on [0, 1] (the notes' Algorithm 1) or "
-                        "N(0, σ_1^2 I) (the VE SDE's prior) (default uniform)")
-    g.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
-                   help="end sampling with x + σ_L^2 s_θ(x, L) (default on)")
-    g.add_argument("--strip", action="store_true",
-                   help="with --sample: also write the chain after each level (chain.png)")
-    g.add_argument("--final-samples", type=COUNT, default=64,
-                   help="samples written at the end of --train (default 64)")
+    # defaults are its best setting at the same calls (T = 40, step size ε = 5e-5); the notes'
+    # T = 100, ε = 2e-5 (the NCSN paper's; its released code's step is ε = 4e-5 in this form) stay
+    # the defaults of annealed_langevin().
+    add("--sampler", choices=["annealed", "pc"], default="pc",
+        help="annealed: Algorithm 1 (L·T network calls); pc: predictor-corrector "
+             "(L-1 + L·M calls) (default pc)")
+    add("--langevin-steps", type=POSITIVE_INT, default=40,
+        help="T of Algorithm 1, steps per level (default 40; the notes' is 100)")
+    add("--step-size", type=POSITIVE, default=5e-5,
+        help="annealed: Algorithm 1's ε, each step α_i/2 s + sqrt(α_i) z with α_i = ε σ_i^2/σ_L^2 "
+             "(default 5e-5; the notes' is 2e-5)")
+    add("--langevin-eps", action=Renamed, nargs="?", help=argparse.SUPPRESS, new="--step-size")
+    add("--corrector-steps", type=POSITIVE_INT, default=39,
+        help="pc: M, Langevin corrector steps per level (default 39)")
+    add("--snr", type=POSITIVE, default=0.35,
+        help="pc: the corrector's signal-to-noise ratio r (default 0.35; [SDE]'s is "
+             "0.16)")
+    add("--start", choices=["uniform", "gaussian"], default="uniform",
+        help="where sampling starts: uniform on [0, 1] (the notes' Algorithm 1) or "
+             "N(0, σ_1^2 I) (the VE SDE's prior) (default uniform)")
+    add("--denoise", action=argparse.BooleanOptionalAction, default=True,
+        help="end sampling with x + σ_L^2 s_θ(x, L) (default on)")
+    add("--strip", action="store_true",
+        help="with --sample: also write the chain after each level (chain.png)")
+    add("--final-samples", type=COUNT, default=64,
+        help="samples written at the end of --train (default 64)")
     return p
 
 
@@ -440,11 +465,17 @@ def parse(argv):
 
 
 def main(argv=None):
-    import common
     for stream in (sys.stdout, sys.stderr):  # σ, η, x̂ on a console that is not UTF-8: '?' instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    p, args = parse(argv)
+    p, args = parse(argv)  # --help and the usage errors need this file alone
+    try:
+        import common
+    except ModuleNotFoundError as e:  # the file copied without its companion
+        if e.name != "common":
+            raise
+        p.exit(2, f"{p.prog}: error: needs common.py beside it (the U-Net and the data helpers; "
+                  "README: copying into another project)\n")
     args.command = resume_command(argv)
     # SIGTERM (a cluster's preemption or time limit) and SIGHUP stop the program as Ctrl-C does:
     # training at a step boundary with a checkpoint (train), anything else at once, with no output
@@ -602,8 +633,8 @@ def unet_config(args, in_ch, image_size):
 
 
 def make_optimizer(model, lr, warmup):
-    """Adam with a linear warm-up of the learning rate over `warmup` steps (DDPM: 2e-4, 5000
-    steps)."""
+    """Adam with a linear warm-up of the learning rate over `warmup` steps (0: none); the recipes
+    above give lr and warmup."""
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     opt = torch.optim.Adam(model.parameters(), lr=lr, **fused)
     # lr_k = lr min(1, (k+1)/warmup)
@@ -781,11 +812,11 @@ def train(args, rank, world, device):
         while not done:
             # the whole global batch is drawn from (seed, step), each rank takes its slice: after
             # --resume, or on every torchrun rank, step k sees what an uninterrupted process would
-            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)[lo:hi]
+            gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=gen)[lo:hi]
             i = torch.randint(1, args.levels + 1, (args.batch_size,), device=device,
-                              generator=g)[lo:hi]
-            eps = torch.randn((args.batch_size, C, H, W), device=device, generator=g)[lo:hi]
+                              generator=gen)[lo:hi]
+            eps = torch.randn((args.batch_size, C, H, W), device=device, generator=gen)[lo:hi]
             with autocast(device, bf16):
                 loss = dsm_loss(net, common.to_range(data[idx], 0), sigmas, i=i, eps=eps)
             opt.zero_grad(set_to_none=True)
@@ -1022,24 +1053,24 @@ def network_calls(args, L):
 
 def write_samples(args, model, sigmas, device, n, strip=False):
     import common
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     shape = (n, model.in_ch, model.image_size, model.image_size)
     if args.start == "uniform":  # Algorithm 1's start: uniform on [0, 1]
-        x_start = torch.rand(shape, device=device, generator=g)
+        x_start = torch.rand(shape, device=device, generator=gen)
     else:  # the VE SDE's prior, N(0, σ_1^2 I)
-        x_start = sigmas[1].item() * torch.randn(shape, device=device, generator=g)
+        x_start = sigmas[1].item() * torch.randn(shape, device=device, generator=gen)
     trace = [] if strip else None
     L = len(sigmas) - 1
     start = time.time()
     calls = network_calls(args, L)
     with autocast(device, use_bf16(device, args.precision)):
         if args.sampler == "pc":
-            x = pc_sample(model, x_start, sigmas, args.corrector_steps, args.snr, args.denoise, g,
+            x = pc_sample(model, x_start, sigmas, args.corrector_steps, args.snr, args.denoise, gen,
                           trace)
             how = f"predictor-corrector, {calls} network calls"
         else:
-            x = annealed_langevin(model, x_start, sigmas, args.langevin_eps, args.langevin_steps,
-                                  args.denoise, g, trace)
+            x = annealed_langevin(model, x_start, sigmas, args.step_size, args.langevin_steps,
+                                  args.denoise, gen, trace)
             how = f"annealed Langevin {L}x{args.langevin_steps} steps, {calls} network calls"
     png, pt = os.path.join(args.out, "samples.png"), os.path.join(args.out, "samples.pt")
     x01 = x.float().clamp(0, 1)

@@ -871,7 +871,7 @@ def test_checkpoints_load_with_weights_only(tmp_path, tiny_pt):
     ("ddpm", ["--steps", "-1"]), ("ddpm", ["--batch-size", "0"]), ("ddpm", ["--T", "0"]), ("ddpm", ["--beta-1", "1.5"]),
     ("ddpm", ["--beta-1", "0.02", "--beta-T", "0.001"]), ("ddpm", ["--eta", "-1"]), ("ddpm", ["--lr", "nan"]),
     ("vae", ["--k", "0"]), ("vae", ["--sigma-x", "-1"]), ("vae", ["--latent-dim", "0"]),
-    ("ncsn", ["--sigma-1", "-1"]), ("ncsn", ["--levels", "0"]), ("ncsn", ["--langevin-eps", "0"]),
+    ("ncsn", ["--sigma-1", "-1"]), ("ncsn", ["--levels", "0"]), ("ncsn", ["--step-size", "0"]),
 ])
 def test_out_of_range_flags_are_refused(name, flag, tmp_path, tiny_pt, capsys):
     out = tmp_path / "run"
@@ -915,7 +915,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
                        capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("step 3/3") == 1  # only rank 0 reports
-    assert sorted(p.name for p in two.iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in two.iterdir()) == [".lock", "ckpt.pt"]  # rank 0 alone locks and writes
     a, b = (ddpm.load_checkpoint(str(d / "ckpt.pt")) for d in (one, two))
     # The two runs sum the gradient in different orders, so they differ by rounding. Adam's first steps are
     # ±lr_k for every weight whatever its gradient's size, so a near-zero gradient whose sign the rounding flips
@@ -923,6 +923,16 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_pt):
     bound = 2 * sum(lr * (k + 1) / warmup for k in range(steps)) + 1e-6  # lr_k of the linear warm-up
     diffs = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
     assert diffs.max() <= bound and (diffs > 1e-6).double().mean() < 1e-3
+    # the same command again: every rank refuses to start the trained run over (exit 2 each), nothing written
+    before = (two / "ckpt.pt").read_bytes()
+    r = subprocess.run(r.args, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    # each rank checks for itself (torchrun may stop one before it prints, once the other has exited)
+    assert "holds a run trained to step 3" in r.stderr, r.stderr[-3000:]
+    _, args = ddpm.parse(["--train", "--out", str(two), *argv])
+    with pytest.raises(ddpm.CheckpointError, match="holds a run trained to step 3"):
+        ddpm.continue_run(args, str(two / "ckpt.pt"), rank=1)
+    assert (two / "ckpt.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ncsn"])
@@ -1171,12 +1181,84 @@ def test_ncsn_cli_default_sampler_is_the_measured_one(tmp_path, tiny_pt, capsys)
     want = ncsn.pc_sample(model, x, sigmas, corrector_steps=39, snr=0.35, denoise=True, generator=g).clamp(0, 1)
     assert torch.equal(torch.load(out + "/samples.pt", weights_only=True), want)
     args = ncsn.build_parser().parse_args(["--sample", "1"])
-    assert (args.langevin_steps, args.langevin_eps) == (40, 5e-5)  # Algorithm 1's best at the same calls
+    assert (args.langevin_steps, args.step_size) == (40, 5e-5)  # Algorithm 1's best at the same calls
+    # the old spelling (ε is the noise's name in ncsn.py): a usage error that names the new flag
+    err = usage_error(ncsn.main, ["--sample", "1", "--out", out, "--langevin-eps", "2e-5"], capsys)
+    assert "--langevin-eps is now --step-size" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------------------- copying the files
 
 
+# Helpers that are byte-identical copies: each script stays self-contained, so a fix in one copy must be made in
+# every copy. Taken from the code as it stands; a helper that stops being the same fails the test below.
+COPIES = {
+    ("ddpm", "ncsn", "vae"): ("CheckpointError", "FlagError", "_flag", "COUNT", "POSITIVE", "POSITIVE_INT", "SEED",
+                              "SEED_MAX", "LR", "autocast", "use_bf16", "pick_device", "make_optimizer", "clock",
+                              "rng_state", "set_rng_state", "raise_interrupt", "stop_signals", "check_writable",
+                              "save_checkpoint", "tensor_checksum", "given_flags", "data_id", "continue_run",
+                              "fitting"),
+    ("ddpm", "ncsn"): ("INT_LIST", "OPEN_UNIT", "UNIT", "agree", "fill_recipe", "make_ema", "setup_distributed"),
+    ("ncsn", "vae"): ("OLDER", "check_same"),
+}
+
+
+def top_level_sources(text):
+    """Each top-level function, class and assignment of a module's source, by name: its exact text."""
+    import ast
+    found = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = ast.get_source_segment(text, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = ast.get_source_segment(text, node)
+    return found
+
+
+def copies_that_differ(texts):
+    """The COPIES entries that are missing from a script or not the same text in all of them."""
+    sources = {name: top_level_sources(text) for name, text in texts.items()}
+    bad = []
+    for scripts, names in COPIES.items():
+        for name in names:
+            if len({sources[s].get(name) for s in scripts}) != 1 or sources[scripts[0]].get(name) is None:
+                bad.append(f"{name} in {', '.join(s + '.py' for s in scripts)}")
+    return bad
+
+
+def test_copied_helpers_are_the_same_in_every_script():
+    texts = {name: open(os.path.join(HERE, f"{name}.py"), encoding="utf-8").read() for name in ("ddpm", "ncsn", "vae")}
+    assert copies_that_differ(texts) == []
+    # one copy edited, the others not: named
+    edited = dict(texts, vae=texts["vae"].replace('        return "?"', '        return "-"', 1))
+    assert edited["vae"] != texts["vae"]
+    assert copies_that_differ(edited) == ["clock in ddpm.py, ncsn.py, vae.py"]
+    edited = dict(texts, ncsn=texts["ncsn"].replace("def check_same(", "def check_the_same(", 1))
+    assert copies_that_differ(edited) == ["check_same in ncsn.py, vae.py"]
+
+
+def test_a_script_copied_without_common_py_helps_and_says_what_it_needs(tmp_path):
+    # --help and usage errors need the file alone; anything else names common.py, with no traceback
+    for name in ("ddpm", "ncsn", "vae"):
+        (tmp_path / f"{name}.py").write_bytes(open(os.path.join(HERE, f"{name}.py"), "rb").read())
+    code = ("import contextlib, io, sys\n"
+            "for name in ('ddpm', 'ncsn', 'vae'):\n"
+            "    module = __import__(name)\n"
+            "    for argv in (['--help'], ['--sample', '1']):\n"
+            "        out, err = io.StringIO(), io.StringIO()\n"
+            "        code = None\n"
+            "        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "            try:\n"
+            "                module.main(argv)\n"
+            "            except SystemExit as e:\n"
+            "                code = e.code\n"
+            "        print(name, argv[0], code, repr(out.getvalue()[:6]), repr(err.getvalue()))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    for k, name in enumerate(("ddpm", "ncsn", "vae")):
+        assert lines[2 * k] == f"{name} --help 0 'usage:' ''", lines
+        assert lines[2 * k + 1].startswith(f"{name} --sample 2 '' '{name}.py: error: needs common.py beside it"), lines
 def test_scripts_import_where_the_unix_only_resource_module_is_missing():
     # Windows has no `resource`: the scripts never need it (measure/bench.py's peak memory does)
     code = "import sys; sys.modules['resource'] = None\nimport torch, common, ddpm, vae, ncsn\nprint('ok')\n"

@@ -288,66 +288,66 @@ LR = _flag(float, lambda v: 0 < v <= torch.finfo(torch.float32).max, "a number >
 def build_parser():
     p = argparse.ArgumentParser(
         prog="vae.py", description="VAE, annotated against the notes (python vae.py --train)")
-    g = p.add_argument_group("what to do")
-    g.add_argument("--train", action="store_true",
-                   help="train (downloads the data set on first use)")
-    g.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
-    g.add_argument("--sample", type=POSITIVE_INT, metavar="N",
-                   help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
-    g.add_argument("--reconstruct", action="store_true",
-                   help="grid of test images (odd rows) above their reconstructions")
-    g.add_argument("--eval", action="store_true",
-                   help="test-set negative ELBO and IWAE-k NLL, nats/image and bits/dim")
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data", default="mnist",
-                   help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
-                        "(N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
-    g.add_argument("--data-dir", default="data",
-                   help="where downloaded data sets are kept (default ./data)")
-    g.add_argument("--out", default=os.path.join("runs", "vae"),
-                   help="the run's folder: checkpoint and samples (default runs/vae)")
-    g.add_argument("--seed", type=SEED, default=0,
-                   help="random seed (default 0); same seed, same samples")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu) or a torch device")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    add = p.add_argument_group("what to do").add_argument
+    add("--train", action="store_true",
+        help="train (downloads the data set on first use)")
+    add("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    add("--sample", type=POSITIVE_INT, metavar="N",
+        help="write N samples from OUT/ckpt.pt to OUT/samples.png and OUT/samples.pt")
+    add("--reconstruct", action="store_true",
+        help="grid of test images (odd rows) above their reconstructions")
+    add("--eval", action="store_true",
+        help="test-set negative ELBO and IWAE-k NLL, nats/image and bits/dim")
+    add = p.add_argument_group("data and output").add_argument
+    add("--data", default="mnist",
+        help="mnist | fashion-mnist | cifar10 (downloaded), or a .pt/.npy tensor "
+             "(N,H,W) or (N,C,H,W), uint8 in [0,255] or float in [0,1]")
+    add("--data-dir", default="data",
+        help="where downloaded data sets are kept (default ./data)")
+    add("--out", default=os.path.join("runs", "vae"),
+        help="the run's folder: checkpoint and samples (default runs/vae)")
+    add("--seed", type=SEED, default=0,
+        help="random seed (default 0); same seed, same samples")
+    add("--device", default="auto",
+        help="auto (cuda, then mps, then cpu) or a torch device")
+    add("--compile", action="store_true", help="torch.compile the model for training")
     # fp32 by default: the MLP is cheap, and the likelihood sums 784 terms whose bf16 rounding would
     # show in the reported nats
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on "
-                        "CUDA fp32 matmuls use TF32 (default fp32)")
-    g = p.add_argument_group("optimisation (unset flags come from the recipe)")
-    g.add_argument("--steps", type=COUNT,
-                   help="train until this many steps in all (with --minutes: whichever comes "
-                        "first)")
-    g.add_argument("--minutes", type=POSITIVE,
-                   help="train until this many minutes of training in all, counted across --resume")
-    g.add_argument("--batch-size", type=POSITIVE_INT, help="batch size")
-    g.add_argument("--lr", type=LR, help="Adam learning rate")
-    g.add_argument("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
+    add("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; on "
+             "CUDA fp32 matmuls use TF32 (default fp32)")
+    add = p.add_argument_group("optimisation (unset flags come from the recipe)").add_argument
+    add("--steps", type=COUNT,
+        help="train until this many steps in all (with --minutes: whichever comes "
+             "first)")
+    add("--minutes", type=POSITIVE,
+        help="train until this many minutes of training in all, counted across --resume")
+    add("--batch-size", type=POSITIVE_INT, help="batch size")
+    add("--lr", type=LR, help="Adam learning rate")
+    add("--warmup", type=COUNT, help="linear learning-rate warm-up steps")
     # the clip is only a guard: the loss is in nats per image
-    g.add_argument("--grad-clip", type=POSITIVE, default=1000.0,
-                   help="gradient-norm clip (default 1000)")
-    g.add_argument("--log-every", type=POSITIVE_INT, default=100,
-                   help="steps between progress lines (default 100)")
-    g.add_argument("--ckpt-every", type=POSITIVE_INT, default=1000,
-                   help="steps between checkpoints (default 1000)")
-    g = p.add_argument_group("VAE")
-    g.add_argument("--k", type=POSITIVE_INT, default=100,
-                   help="importance samples for --eval (default 100)")
-    g.add_argument("--eval-n", type=POSITIVE_INT, help="test images for --eval (default all)")
-    g.add_argument("--latent-dim", type=POSITIVE_INT, default=20,
-                   help="d, the latent size (default 20)")
-    g.add_argument("--hidden", type=POSITIVE_INT, default=400, help="hidden units (default 400)")
-    g.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
-                   help="encoder/decoder (default mlp)")
-    g.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="gaussian",
-                   help="p_θ(x|v): gaussian with fixed σ (the notes) or bernoulli (needs "
-                        "--binarize)")
-    g.add_argument("--sigma-x", type=POSITIVE, default=0.1,
-                   help="σ of the Gaussian decoder (default 0.1)")
-    g.add_argument("--binarize", action="store_true",
-                   help="dynamic binarisation of the data (for --likelihood bernoulli)")
+    add("--grad-clip", type=POSITIVE, default=1000.0,
+        help="gradient-norm clip (default 1000)")
+    add("--log-every", type=POSITIVE_INT, default=100,
+        help="steps between progress lines (default 100)")
+    add("--ckpt-every", type=POSITIVE_INT, default=1000,
+        help="steps between checkpoints (default 1000)")
+    add = p.add_argument_group("VAE").add_argument
+    add("--k", type=POSITIVE_INT, default=100,
+        help="importance samples for --eval (default 100)")
+    add("--eval-n", type=POSITIVE_INT, help="test images for --eval (default all)")
+    add("--latent-dim", type=POSITIVE_INT, default=20,
+        help="d, the latent size (default 20)")
+    add("--hidden", type=POSITIVE_INT, default=400, help="hidden units (default 400)")
+    add("--arch", choices=["mlp", "conv"], default="mlp",
+        help="encoder/decoder (default mlp)")
+    add("--likelihood", choices=["gaussian", "bernoulli"], default="gaussian",
+        help="p_θ(x|v): gaussian with fixed σ (the notes) or bernoulli (needs "
+             "--binarize)")
+    add("--sigma-x", type=POSITIVE, default=0.1,
+        help="σ of the Gaussian decoder (default 0.1)")
+    add("--binarize", action="store_true",
+        help="dynamic binarisation of the data (for --likelihood bernoulli)")
     return p
 
 
@@ -368,11 +368,17 @@ def parse(argv):
 
 
 def main(argv=None):
-    import common
     for stream in (sys.stdout, sys.stderr):  # σ, η, x̂ on a console that is not UTF-8: '?' instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    p, args = parse(argv)
+    p, args = parse(argv)  # --help and the usage errors need this file alone
+    try:
+        import common
+    except ModuleNotFoundError as e:  # the file copied without its companion
+        if e.name != "common":
+            raise
+        p.exit(2, f"{p.prog}: error: needs common.py beside it (the U-Net and the data helpers; "
+                  "README: copying into another project)\n")
     args.command = resume_command(argv)
     # SIGTERM (a cluster's preemption or time limit) and SIGHUP stop the program as Ctrl-C does:
     # training at a step boundary with a checkpoint (train), anything else at once, with no output
@@ -394,15 +400,15 @@ def main(argv=None):
             ck = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
             with fitting(os.path.join(args.out, "ckpt.pt")):
                 model = model_from_checkpoint(ck, device)
-            g = torch.Generator(device=device).manual_seed(args.seed)
+            gen = torch.Generator(device=device).manual_seed(args.seed)
             if args.sample:
-                write_samples(args, model, device, args.sample, g)
+                write_samples(args, model, device, args.sample, gen)
             if args.reconstruct or args.eval:
                 x = test_images(args, model, device)
             if args.reconstruct:
                 reconstruct(args, model, x[:32])
             if args.eval:
-                evaluate(args, ck["args"], model, x, g, ck["step"])
+                evaluate(args, ck["args"], model, x, gen, ck["step"])
     except FlagError as e:
         p.error(str(e))
     except (common.DataError, CheckpointError, OSError) as e:  # the user's to fix: no usage block
@@ -497,8 +503,8 @@ def fill_recipe(args, device):
 
 
 def make_optimizer(model, lr, warmup):
-    """Adam with a linear warm-up of the learning rate over `warmup` steps (DDPM: 2e-4, 5000
-    steps)."""
+    """Adam with a linear warm-up of the learning rate over `warmup` steps (0: none); the recipes
+    above give lr and warmup."""
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     opt = torch.optim.Adam(model.parameters(), lr=lr, **fused)
     # lr_k = lr min(1, (k+1)/warmup)
@@ -532,7 +538,7 @@ def train(args, device):
     if C not in (1, 3):
         raise common.DataError(f"{args.data}: {C} channels; the samples' PNG takes 1 (grey) or 3 "
                                "(RGB)")
-    torch.manual_seed(args.seed)  # the initial weights, and dropout, follow --seed
+    torch.manual_seed(args.seed)  # the initial weights follow --seed
     recipe = fill_recipe(args, device)
     try:
         model = VAE(C, H, args.latent_dim, args.hidden, args.arch, args.likelihood).to(device)
@@ -608,11 +614,11 @@ def train(args, device):
         while not done:
             # the batch is drawn from (seed, step): after --resume, step k sees what an
             # uninterrupted run would
-            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=g)
-            x = prepare(common.to_range(data[idx], 0), args.likelihood, g)
+            gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            idx = torch.randint(0, N, (args.batch_size,), device=device, generator=gen)
+            x = prepare(common.to_range(data[idx], 0), args.likelihood, gen)
             with autocast(device, bf16):
-                loss = -elbo(net, x, args.likelihood, args.sigma_x, g).mean()
+                loss = -elbo(net, x, args.likelihood, args.sigma_x, gen).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -833,9 +839,9 @@ def model_from_checkpoint(ck, device):
 
 def write_samples(args, model, device, n, generator=None):
     import common
-    g = generator or torch.Generator(device).manual_seed(args.seed)
+    gen = generator or torch.Generator(device).manual_seed(args.seed)
     png, pt = os.path.join(args.out, "samples.png"), os.path.join(args.out, "samples.pt")
-    x = generate(model, n, g)
+    x = generate(model, n, gen)
     common.write_png(png, x)
     save_checkpoint(pt, x.detach().float().cpu())
     print(f"wrote {png}")
@@ -866,13 +872,13 @@ def reconstruct(args, model, x):
 
 
 @torch.no_grad()
-def evaluate(args, saved, model, x, g, step):
+def evaluate(args, saved, model, x, gen, step):
     x = x[:args.eval_n] if args.eval_n else x
     start = time.time()
-    y = prepare(x, saved["likelihood"], g)  # one fixed binarisation / dequantisation of the data
-    neg_elbo = torch.cat([-elbo(model, yb, saved["likelihood"], saved["sigma_x"], g)
+    y = prepare(x, saved["likelihood"], gen)  # one fixed binarisation / dequantisation of the data
+    neg_elbo = torch.cat([-elbo(model, yb, saved["likelihood"], saved["sigma_x"], gen)
                           for yb in y.split(1000)])
-    nll = -iwae_bound(model, y, args.k, saved["likelihood"], saved["sigma_x"], g)
+    nll = -iwae_bound(model, y, args.k, saved["likelihood"], saved["sigma_x"], gen)
     D = x[0].numel()
     for name, v in (("negative ELBO", neg_elbo), (f"IWAE NLL (k={args.k})", nll)):
         se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
