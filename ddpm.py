@@ -80,7 +80,7 @@ class Schedule:
 ALPHA_BAR_T_MAX = 1e-3
 
 
-def schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+def schedule(T=1000, beta_1=1e-4, beta_T=0.02, warn=True):
     """The DDPM paper's linear schedule, β_1 = 1e-4 rising to β_T = 0.02, computed in float64.
 
     NOTES ERROR (扩散过程): the notes say the coefficients decrease, β_1 > β_2 > ... > β_T. In DDPM they
@@ -90,8 +90,9 @@ def schedule(T=1000, beta_1=1e-4, beta_T=0.02):
 
     Sampling starts from p(x_T) = N(0, I), which matches q(x_T|x_0) only when ᾱ_T ≈ 0 (4e-5 for the
     defaults). A short T with these β's leaves much of x_0 in x_T (T = 50: ᾱ_T = 0.60), so this
-    warns when ᾱ_T > ALPHA_BAR_T_MAX. It does not rescale the β's: a checkpoint trained with --T and
-    explicit β's gets back the schedule it was trained with.
+    warns when ᾱ_T > ALPHA_BAR_T_MAX (warn=False: the command line, which says so once in its own
+    words). It does not rescale the β's: a checkpoint trained with --T and explicit β's gets back the
+    schedule it was trained with.
     """
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
@@ -104,7 +105,7 @@ def schedule(T=1000, beta_1=1e-4, beta_T=0.02):
     beta[1:] = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
     sch = Schedule(beta)
     alpha_bar_T = sch.alpha_bar[T].item()
-    if alpha_bar_T > ALPHA_BAR_T_MAX:
+    if warn and alpha_bar_T > ALPHA_BAR_T_MAX:
         warnings.warn(f"T = {T} with β from {beta_1} to {beta_T} leaves ᾱ_T = {alpha_bar_T:.3g}: "
                       f"x_T keeps sqrt(ᾱ_T) = {alpha_bar_T ** 0.5:.2g} of x_0 and is far from the "
                       "N(0, I) that sampling starts from (raise T or β_T)", stacklevel=2)
@@ -1114,7 +1115,7 @@ def train(args, rank, world, device):
         model = common.UNet(**cfg).to(device)
     except ValueError as e:  # a U-Net the flags describe can't be built for these images
         raise FlagError(str(e))
-    sch = schedule(args.T, args.beta_1, args.beta_T).to(device)
+    sch = schedule(args.T, args.beta_1, args.beta_T, warn=False).to(device)
     ck_args = dict(kind="ddpm", **{k: v for k, v in cfg.items() if k != "dropout"}, T=args.T,
                    beta_1=args.beta_1, beta_T=args.beta_T, dropout=args.dropout, seed=args.seed,
                    data=args.data, data_id=data_id(args.data), steps=args.steps,
@@ -1127,6 +1128,10 @@ def train(args, rank, world, device):
         print(f"{recipe}; {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "
               f"{N} images {C}x{H}x{W}; device {device}; "
               f"{world} process(es)", flush=True)
+        if sch.alpha_bar[args.T] > ALPHA_BAR_T_MAX:  # schedule()'s warning, said once
+            print(f"note: --T {args.T} with β from {args.beta_1} to {args.beta_T} leaves "
+                  f"ᾱ_T = {sch.alpha_bar[args.T].item():.3g}: x_T is far from the N(0, I) that "
+                  "sampling starts from", flush=True)
     data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
     opt, warm = make_optimizer(model, args.lr, args.warmup)
     ema = make_ema(model, args.ema_decay)
@@ -1387,7 +1392,7 @@ def continue_run(args, ckpt_path, rank=0):
     again over itself: without --resume its folder is refused. With --resume the flags that define
     the run (RUN_FLAGS) come from the checkpoint unless given, and a given one that differs is
     refused: the run would no longer be the one the checkpoint holds."""
-    if not os.path.exists(ckpt_path):
+    if not os.path.isfile(ckpt_path):  # (a folder in its place fails at the first write)
         if args.resume and rank == 0:
             print(f"--resume: no checkpoint at {ckpt_path}; starting a new run", flush=True)
         return None
@@ -1449,7 +1454,8 @@ def model_from_checkpoint(ck, device):
                         num_res_blocks=saved["num_res_blocks"], attn=saved["attn"], dropout=0.0,
                         image_size=saved["image_size"], group_size=saved["group_size"])
     model.load_state_dict(ck["ema"])
-    return model.to(device).eval(), schedule(saved["T"], saved["beta_1"], saved["beta_T"])
+    return model.to(device).eval(), schedule(saved["T"], saved["beta_1"], saved["beta_T"],
+                                             warn=False)
 
 
 # ---- sampling, --eval

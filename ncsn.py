@@ -977,7 +977,7 @@ def continue_run(args, ckpt_path, rank=0):
     again over itself: without --resume its folder is refused. With --resume the flags that define
     the run (RUN_FLAGS) come from the checkpoint unless given, and a given one that differs is
     refused: the run would no longer be the one the checkpoint holds."""
-    if not os.path.exists(ckpt_path):
+    if not os.path.isfile(ckpt_path):  # (a folder in its place fails at the first write)
         if args.resume and rank == 0:
             print(f"--resume: no checkpoint at {ckpt_path}; starting a new run", flush=True)
         return None
