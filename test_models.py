@@ -4,6 +4,7 @@ CLI tests call each script's main(argv) in-process with a tiny T and tiny models
 separate process (SIGKILL, torchrun) start one.
 """
 import contextlib
+import ctypes
 import errno
 import re
 import shlex
@@ -1636,7 +1637,7 @@ def test_a_checkpoint_damaged_inside_a_tensor_is_refused_as_corrupt(name, damage
     data = bytearray(path.read_bytes())
     # the zip stores tensors uncompressed: find the bytes of one weight in the file and damage a block of them
     weight = next(v for v in module.load_checkpoint(str(path))["model"].values() if v.numel() >= 64)
-    raw = bytes(weight.reshape(-1).view(torch.uint8).clone().untyped_storage())
+    raw = ctypes.string_at(weight.data_ptr(), weight.numel() * weight.element_size())
     at = data.find(raw)
     assert at > 0
     data[at + 16:at + 48] = bytes(32) if damage == "zeroed" else bytes(b ^ 0x10 for b in data[at + 16:at + 48])

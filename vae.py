@@ -11,6 +11,7 @@ in [0, 1]. Everything above the command-line banner needs only torch.
 """
 import argparse
 import contextlib
+import ctypes
 import shlex
 import math
 import os
@@ -719,8 +720,10 @@ def tensor_checksum(obj):
     def walk(x):
         nonlocal crc
         if isinstance(x, torch.Tensor):
-            flat = x.detach().cpu().reshape(-1).view(torch.uint8).clone()  # its own storage
-            crc = zlib.crc32(bytes(flat.untyped_storage()), crc)
+            flat = x.detach().cpu().contiguous()
+            if flat.numel():  # its bytes, read in one go (bytes(storage) would go byte by byte)
+                crc = zlib.crc32(ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()),
+                                 crc)
         elif isinstance(x, dict):
             for k in sorted(x, key=str):
                 if k != "checksum":
