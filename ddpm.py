@@ -77,7 +77,8 @@ class Schedule:
         return v
 
 
-# x_T keeps sqrt(ᾱ_T) of x_0: above 1e-3 (3%), x_T is visibly not the N(0, I) sampling starts from
+# x_T keeps sqrt(ᾱ_T) of x_0: above ᾱ_T = 1e-3 (3% of x_0), x_T is visibly not the N(0, I)
+# that sampling starts from
 ALPHA_BAR_T_MAX = 1e-3
 
 
@@ -1341,9 +1342,9 @@ def tensor_checksum(obj):
         nonlocal crc
         if isinstance(x, torch.Tensor):
             flat = x.detach().cpu().contiguous()
-            if flat.numel():  # its bytes, read in one go (bytes(storage) would go byte by byte)
-                crc = zlib.crc32(ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()),
-                                 crc)
+            if flat.numel():  # its bytes in one read (bytes(storage) would go byte by byte)
+                raw = ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size())
+                crc = zlib.crc32(raw, crc)
         elif isinstance(x, dict):
             for k in sorted(x, key=str):
                 if k != "checksum":

@@ -926,9 +926,9 @@ def tensor_checksum(obj):
         nonlocal crc
         if isinstance(x, torch.Tensor):
             flat = x.detach().cpu().contiguous()
-            if flat.numel():  # its bytes, read in one go (bytes(storage) would go byte by byte)
-                crc = zlib.crc32(ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()),
-                                 crc)
+            if flat.numel():  # its bytes in one read (bytes(storage) would go byte by byte)
+                raw = ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size())
+                crc = zlib.crc32(raw, crc)
         elif isinstance(x, dict):
             for k in sorted(x, key=str):
                 if k != "checksum":
