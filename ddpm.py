@@ -93,8 +93,8 @@ def schedule(T=1000, beta_1=1e-4, beta_T=0.02, warn=True):
     Sampling starts from p(x_T) = N(0, I), which matches q(x_T|x_0) only when ᾱ_T ≈ 0 (4e-5 for the
     defaults). A short T with these β's leaves much of x_0 in x_T (T = 50: ᾱ_T = 0.60), so this
     warns when ᾱ_T > ALPHA_BAR_T_MAX (warn=False: the command line, which says so once in its own
-    words). It does not rescale the β's: a checkpoint trained with --T and explicit β's gets back the
-    schedule it was trained with.
+    words). It does not rescale the β's: a checkpoint trained with --T and explicit β's gets
+    back the schedule it was trained with.
     """
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
