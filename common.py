@@ -12,6 +12,7 @@ algorithm and its command line read in one file. The math of ddpm.py and vae.py 
 here.
 """
 import ast
+import ctypes
 import errno
 import gzip
 import hashlib
@@ -250,10 +251,6 @@ def download(name, split, data_dir, timeout=10):
                 raise DataError(f"cannot write the data folder {folder}: {e.strerror or e}")
             with f, urllib.request.urlopen(url, timeout=timeout) as r:
                 _copy(r, f, int(r.headers.get("Content-Length") or 0), path)
-                try:
-                    os.fsync(f.fileno())
-                except OSError as e:
-                    raise DataError(f"could not write {path}: {e.strerror or e}") from None
             got = _md5(tmp)
             if got != md5:
                 failures.append(f"{url}: checksum {got} is not the expected {md5} "
@@ -296,6 +293,7 @@ def _copy(response, f, total, path, every=5.0):
                   flush=True)
     try:
         f.flush()
+        os.fsync(f.fileno())  # on disk before download() renames it into place
     except OSError as e:
         raise DataError(f"could not write {path}: {e.strerror or e}") from None
     if tty:
@@ -466,40 +464,6 @@ def fsync_folder(path):
         os.close(fd)
 
 
-class FolderInUse(OSError):
-    """Another process trains into this --out; the message names it (exit 2)."""
-
-
-def lock_folder(folder):
-    """Hold an OS lock on folder/.lock for as long as the returned file stays open (fcntl.flock on
-    POSIX, msvcrt.locking on Windows), with this process's pid and host in it for the message of the
-    next one. The OS releases it when the process dies, however it dies."""
-    import socket
-    f = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        if os.name == "nt":
-            import msvcrt
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        try:
-            f.seek(0)
-            holder = f.read().strip()
-        except OSError:
-            holder = ""
-        f.close()
-        raise FolderInUse(f"{folder} is in use: {holder or 'another process'} is training into it "
-                          "(one run per folder; give another --out, or wait for it to end)")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    return f
-
-
 def open_new(path):
     """Open for writing with the permissions of any new file, 0666 & ~umask (the kernel applies the
     umask of the moment); tempfile.mkstemp would give 0600."""
@@ -524,7 +488,7 @@ def write_png(path, images, nrow=None, pad=2):
     H, W = pix.shape[:2]
     # each scan line is prefixed by filter type 0 (none)
     rows = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), pix.reshape(H, -1)], dim=1).contiguous()
-    raw = bytes(rows.untyped_storage())
+    raw = ctypes.string_at(rows.data_ptr(), rows.numel())  # in one read, not byte by byte
 
     def chunk(tag, data):
         crc = zlib.crc32(tag + data) & 0xFFFFFFFF

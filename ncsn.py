@@ -714,7 +714,7 @@ def train(args, rank, world, device):
     lock = None  # rank 0 holds OUT/.lock while the run lasts (closed at the end, or by the OS)
     if rank == 0:
         check_writable(args.out)
-        lock = common.lock_folder(args.out)
+        lock = lock_folder(args.out)
         print(f"{recipe}; {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "
               f"L={args.levels} levels σ {args.sigma_1}.."
               f"{args.sigma_L}; {N} images {C}x{H}x{W}; device {device}; {world} process(es)",
@@ -866,6 +866,36 @@ def train(args, rank, world, device):
 
 
 # ---- checkpoints: written whole or not at all, loaded without running code
+
+
+def lock_folder(folder):
+    """Hold an OS lock on folder/.lock for as long as the returned file stays open (fcntl.flock on
+    POSIX, msvcrt.locking on Windows), with this process's pid and host in it for the message of the
+    next one. The OS releases it when the process dies, however it dies: one run per folder."""
+    import socket
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            f.seek(0)
+            holder = f.read().strip()
+        except OSError:
+            holder = ""
+        f.close()
+        raise CheckpointError(f"{folder} is in use: {holder or 'another process'} is training into "
+                              "it (one run per folder; give another --out, or wait for it to end)")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
 
 
 def check_writable(folder):

@@ -1185,7 +1185,7 @@ COPIES = {
                               "SEED_MAX", "LR", "autocast", "use_bf16", "pick_device", "make_optimizer", "clock",
                               "rng_state", "set_rng_state", "raise_interrupt", "stop_signals", "check_writable",
                               "save_checkpoint", "tensor_checksum", "given_flags", "data_id", "continue_run",
-                              "fitting"),
+                              "fitting", "lock_folder"),
     ("ddpm", "ncsn"): ("INT_LIST", "OPEN_UNIT", "UNIT", "agree", "fill_recipe", "make_ema", "setup_distributed"),
     ("ncsn", "vae"): ("OLDER", "check_same"),
 }
@@ -1549,7 +1549,7 @@ def test_data_naming_a_folder_is_one_message(tmp_path, capsys):
 def test_one_run_per_folder_and_a_dead_holders_lock_frees_itself(name, tmp_path, tiny_pt, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    held = common.lock_folder(str(out))  # a run training into the folder (flock: per open file, even in-process)
+    held = SCRIPTS[name][0].lock_folder(str(out))  # a run training into the folder (flock: per open file, even in-process)
     try:
         err = usage_error(SCRIPTS[name][0].main, train_argv(name, out, tiny_pt, 1), capsys)
         assert f"{out} is in use: pid {os.getpid()} on " in err and "another --out" in err
@@ -1557,7 +1557,7 @@ def test_one_run_per_folder_and_a_dead_holders_lock_frees_itself(name, tmp_path,
     finally:
         held.close()
     # a process that held the lock and was killed: the OS released it
-    code = f"import common, time; held = common.lock_folder({str(out)!r}); print('locked', flush=True); time.sleep(60)"
+    code = f"import {name}, time; held = {name}.lock_folder({str(out)!r}); print('locked', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
@@ -1573,7 +1573,7 @@ def test_sampling_is_allowed_while_a_run_trains_into_the_folder(tmp_path, tiny_p
     # --sample and --eval read the checkpoint whole (os.replace swaps it in at once): they take no lock
     out = tmp_path / "run"
     ddpm.main(train_argv("ddpm", out, tiny_pt, 1))
-    held = common.lock_folder(str(out))
+    held = ddpm.lock_folder(str(out))
     try:
         assert ddpm.main(["--sample", "2", "--out", str(out)]) == 0
     finally:

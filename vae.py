@@ -552,7 +552,7 @@ def train(args, device):
                    lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                    binarize=args.binarize)
     check_writable(args.out)
-    lock = common.lock_folder(args.out)  # held for the whole run (closed at the end, or by the OS)
+    lock = lock_folder(args.out)  # held for the whole run (closed at the end, or by the OS)
     print(f"{recipe}; {args.arch} VAE, d={args.latent_dim}, {args.likelihood} decoder, "
           f"{N} images {C}x{H}x{W}; device {device}", flush=True)
     data = data.to(device)  # the whole data set lives on the device: no DataLoader between steps
@@ -661,6 +661,36 @@ def train(args, device):
 
 
 # ---- checkpoints: written whole or not at all, loaded without running code
+
+
+def lock_folder(folder):
+    """Hold an OS lock on folder/.lock for as long as the returned file stays open (fcntl.flock on
+    POSIX, msvcrt.locking on Windows), with this process's pid and host in it for the message of the
+    next one. The OS releases it when the process dies, however it dies: one run per folder."""
+    import socket
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            f.seek(0)
+            holder = f.read().strip()
+        except OSError:
+            holder = ""
+        f.close()
+        raise CheckpointError(f"{folder} is in use: {holder or 'another process'} is training into "
+                              "it (one run per folder; give another --out, or wait for it to end)")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
 
 
 def check_writable(folder):
