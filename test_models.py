@@ -1468,6 +1468,16 @@ def test_readme_command_test_sees_a_renamed_flag_and_a_missing_file(tmp_path):
     assert not shipped("runs/y/ckpt.pt") and shipped("ddpm.py")
 
 
+def test_every_test_the_readme_names_exists():
+    # the fault table names the test that tries each row: a renamed or merged test must not leave a stale name
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    defined = set()
+    for f in ("test_models.py", "test_math.py", os.path.join("measure", "test_measure.py")):
+        defined |= set(re.findall(r"^def (test_\w+)", open(os.path.join(HERE, f), encoding="utf-8").read(), re.M))
+    named = set(re.findall(r"`(test_\w+)`", readme))
+    assert len(named) >= 20 and named <= defined, sorted(named - defined)
+
+
 def test_every_picture_in_assets_is_shown_by_a_readme():
     shown = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     shown += open(os.path.join(HERE, "measure", "README.md"), encoding="utf-8").read()
